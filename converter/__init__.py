@@ -1,0 +1,1 @@
+"""Offline conversion: one-shot N:M pruning (magnitude, Wanda, E-Sparse) and FasterTransformer export."""

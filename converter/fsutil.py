@@ -1,0 +1,43 @@
+"""Atomic output folders: write into a temporary sibling, rename when complete.
+
+An interrupted run must never leave a folder that looks finished, so every writer of a model folder goes
+through :func:`atomic_output_dir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import EsparseError
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output folder unless ``overwrite`` (checked before any long work starts)."""
+    if out.exists() and not overwrite:
+        raise EsparseError(f"output folder {out} already exists: choose another --out or pass --overwrite")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``out``; on success it replaces ``out``, on failure it is removed."""
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

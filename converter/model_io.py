@@ -1,0 +1,135 @@
+"""Loading and saving the HF models esparse works on (local folders and GGUF files, never a hub).
+
+Supported architectures are LLaMA (grouped-query attention included) and OPT; anything else is refused
+up front with a message naming them, before any weights are read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import EsparseError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = {"llama": "LlamaForCausalLM", "opt": "OPTForCausalLM"}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None or name == "auto":
+        return None
+    if name not in DTYPES:
+        raise EsparseError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def is_gguf(path: Path) -> bool:
+    return Path(path).suffix.lower() == ".gguf"
+
+
+def read_model_type(model_dir: Path) -> str:
+    """The ``model_type`` of a local HF folder, checked against the supported architectures."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise EsparseError(f"model path {model_dir} does not exist")
+    if not model_dir.is_dir():
+        raise EsparseError(f"{model_dir} is not a folder: give a Hugging Face model folder or a .gguf file")
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise EsparseError(f"{model_dir} has no config.json: it is not a Hugging Face model folder")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EsparseError(f"cannot read {cfg_path}: {e}") from e
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED:
+        arch = cfg.get("architectures") or [model_type]
+        raise EsparseError(
+            f"unsupported architecture {arch[0]!r} in {model_dir}: esparse supports "
+            f"{', '.join(SUPPORTED.values())}"
+        )
+    has_weights = any(model_dir.glob("*.safetensors")) or any(model_dir.glob("*.bin"))
+    if not has_weights:
+        raise EsparseError(f"{model_dir} has no *.safetensors or *.bin weight files")
+    return model_type
+
+
+def check_model_path(path: Path) -> None:
+    """Fail fast, before anything heavy, on a missing or unsupported model path."""
+    path = Path(path)
+    if is_gguf(path):
+        if not path.is_file():
+            raise EsparseError(f"GGUF file {path} does not exist")
+    else:
+        read_model_type(path)
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:
+    """Load a LLaMA/OPT causal LM from a local HF folder or a ``.gguf`` file, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if is_gguf(path):
+        from .gguf_io import load_gguf_model
+
+        model = load_gguf_model(path, dtype=dtype or torch.float16)
+    else:
+        read_model_type(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", low_cpu_mem_usage=True)
+        except OSError as e:
+            raise EsparseError(f"cannot load the weights in {path}: {e}") from e
+    model.eval()
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a HF folder, or the one embedded in a GGUF file."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    check_model_path(path)
+    if is_gguf(path):
+        from .gguf_io import require_gguf
+
+        require_gguf()
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise EsparseError(f"cannot load a tokenizer from {path}: {e}") from e
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Copy the tokenizer (and generation config) files of a HF folder, whichever of them exist."""
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+
+
+def save_hf_folder(model: nn.Module, tokenizer_src: Path | None, out: Path, tokenizer=None) -> None:
+    """Write a plain HF folder (safetensors) that transformers loads back as it is."""
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    elif tokenizer_src is not None and Path(tokenizer_src).is_dir():
+        copy_tokenizer_files(Path(tokenizer_src), out)

@@ -1,0 +1,133 @@
+"""``esparse prune``: checkpoint in, pruned HF folder out (plus esparse.json and the permutations).
+
+The output folder is an ordinary HF folder (weights in the original channel order, so transformers serves
+exactly the pruned function) with two additions the exporter reads: ``esparse.json`` (method, pattern,
+calibration, per-layer sparsity) and ``esparse_perms.safetensors`` ("layers.{i}.{group}" -> int32 P).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .arch import decoder_base, get_linear, groups_of
+from .errors import EsparseError
+from .fsutil import atomic_output_dir, check_output_dir
+from .model_io import is_gguf, load_model, load_tokenizer, save_hf_folder
+from .prune import PruneConfig, PruneResult, prune_model, summary_table
+from .text import calibration_windows, read_documents
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "esparse.json"
+PERMS_FILE = "esparse_perms.safetensors"
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EsparseError("--device cuda was asked for but torch sees no CUDA GPU: use --device cpu")
+    return torch.device(name)
+
+
+def source_dtype(model) -> torch.dtype:
+    dt = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if isinstance(dt, torch.dtype) else torch.float16
+
+
+def check_divisibility(model, m: int) -> None:
+    """Every pruned linear's input dim must divide by M: say which one does not, before any work."""
+    layer = decoder_base(model).layers[0]
+    for g in groups_of(model):
+        for path in g.linears:
+            k = get_linear(layer, path).in_features
+            if k % m:
+                raise EsparseError(f"{path} has input dim {k}, not divisible by M={m}: choose another pattern")
+
+
+def prune_checkpoint(
+    model_path: Path,
+    calib_path: Path,
+    out: Path,
+    cfg: PruneConfig,
+    calib: CalibConfig = CalibConfig(),
+    device: str | None = None,
+    overwrite: bool = False,
+) -> PruneResult:
+    """Load, calibrate, prune and write ``out`` atomically. Returns the per-layer report."""
+    check_output_dir(Path(out), overwrite)
+    dev = resolve_device(device)
+    docs = read_documents(calib_path)
+    tokenizer = load_tokenizer(model_path)
+    # on the CPU compute in fp32 (half matmuls are slow there); weights are saved in the source dtype
+    model = load_model(model_path, dtype=torch.float32 if dev.type == "cpu" else None)
+    save_dtype = torch.float16 if is_gguf(Path(model_path)) else source_dtype(model)
+    check_divisibility(model, cfg.m)
+    max_pos = getattr(model.config, "max_position_embeddings", calib.seqlen)
+    seqlen = min(calib.seqlen, max_pos)
+    if seqlen < calib.seqlen:
+        log.info("seqlen %d clipped to the model's %d positions", calib.seqlen, max_pos)
+    windows = calibration_windows(tokenizer, docs, calib.nsamples, seqlen, calib.seed)
+    log.info("calibration: %d windows x %d tokens from %s", windows.shape[0], seqlen, calib_path)
+    t0 = time.perf_counter()
+    result = prune_model(model, windows, cfg, dev)
+    elapsed = time.perf_counter() - t0
+    log.info("pruned in %.1f s\n%s", elapsed, summary_table(result))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "source": str(model_path),
+        "arch": model.config.model_type,
+        "pattern": f"{cfg.n}:{cfg.m}",
+        "method": cfg.metric.method,
+        "config": cfg.to_json(),
+        "calibration": {
+            "file": str(calib_path),
+            "sha256": hashlib.sha256(Path(calib_path).read_bytes()).hexdigest(),
+            "nsamples": int(windows.shape[0]),
+            "seqlen": seqlen,
+            "seed": calib.seed,
+        },
+        "prune_seconds": elapsed,
+        "stage_seconds": result.stage_seconds,
+        "layers": result.layers,
+    }
+    with atomic_output_dir(Path(out), overwrite) as tmp:
+        save_hf_folder(model.to(save_dtype), None if is_gguf(Path(model_path)) else Path(model_path), tmp,
+                       tokenizer=tokenizer if is_gguf(Path(model_path)) else None)
+        save_file({k: v.contiguous() for k, v in result.perms.items()}, str(tmp / PERMS_FILE))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    return result
+
+
+def read_prune_meta(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """(esparse.json, permutations) of a pruned folder, or None for a plain dense HF folder."""
+    meta_path = Path(folder) / META_FILE
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise EsparseError(f"{meta_path} is not valid JSON: re-run esparse prune") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise EsparseError(f"{meta_path} has format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    perms_path = Path(folder) / PERMS_FILE
+    perms = load_file(str(perms_path)) if perms_path.is_file() else {}
+    return meta, perms

@@ -1,0 +1,232 @@
+"""Sequential one-shot N:M pruning, layer by layer (as Wanda and SparseGPT do it), no weight updates.
+
+For each decoder layer: pass 1 runs the still-dense layer on the calibration activations while forward
+hooks reduce each sharing group's input into per-channel statistics; pass 2 adds histograms when an
+entropy estimator needs them; then for each group: scores -> channel shuffle -> N:M masks in serving
+order, scattered back to the original channel order and applied; pass 3 runs the pruned layer to make
+layer i+1's inputs. Only one decoder layer and the activations live on the device at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import Group, decoder_base, get_linear, groups_of, head_shape
+from .masks import nm_mask
+from .scores import MetricConfig, channel_factor, importance
+from .shuffle import shuffle
+from .stats import ChannelStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    n: int = 2
+    m: int = 4
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    gns: str | None = "serpentine"  # None: no global shuffle
+    lbs: bool = True
+    block: int = 64
+    iters: int = 100
+    batch_size: int = 8  # calibration windows per forward call
+    bins: int = 256
+
+    @property
+    def shuffles(self) -> bool:
+        return self.gns is not None or self.lbs
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PruneResult:
+    perms: dict[str, torch.Tensor]  # "layers.{i}.{group}" -> int32 [K] (only where shuffled)
+    layers: list[dict]  # per layer: sparsity per linear, kept fractions per group
+    stage_seconds: dict[str, float]
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer 0 to capture its inputs (hidden states and keyword arguments)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.inner = layer
+        self.captured: list[tuple[torch.Tensor, dict]] = []
+        if hasattr(layer, "attention_type"):
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.captured.append((hidden_states, kwargs))
+        raise _Stop
+
+
+@torch.no_grad()
+def capture_layer0_inputs(model: nn.Module, calib: torch.Tensor, device, batch_size: int):
+    """Run the embeddings on ``calib`` [n, T] and return [(hidden [b, T, H], layer kwargs)] per batch."""
+    base = decoder_base(model)
+    layers = base.layers
+    for mod in base.children():
+        if mod is not layers:
+            mod.to(device)
+    catcher = _Catcher(layers[0])
+    layers[0] = catcher
+    try:
+        for s in range(0, calib.shape[0], batch_size):
+            try:
+                model(input_ids=calib[s : s + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        layers[0] = catcher.inner
+        for mod in base.children():
+            if mod is not layers:
+                mod.to("cpu")
+    return catcher.captured
+
+
+def _run_layer(layer: nn.Module, batches) -> list[torch.Tensor]:
+    outs = []
+    for h, kw in batches:
+        out = layer(h, **kw)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+def _collect(layer, groups, batches, fn) -> None:
+    """Run ``layer`` over all batches with a hook on each group's first linear calling fn(group, x)."""
+    handles = [
+        get_linear(layer, g.linears[0]).register_forward_hook(lambda _m, inp, _o, g=g: fn(g, inp[0]))
+        for g in groups
+    ]
+    try:
+        _run_layer(layer, batches)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _gather_stats(layer, groups, batches, cfg: PruneConfig) -> dict[str, ChannelStats]:
+    """Pass 1 (norms, ranges, energy sums) and, when the estimator needs it, pass 2 (histograms)."""
+    stats: dict[str, ChannelStats] = {}
+
+    def pass1(g: Group, x: torch.Tensor) -> None:
+        if g.name not in stats:
+            stats[g.name] = ChannelStats(x.shape[-1], x.device, cfg.bins)
+        stats[g.name].update(x)
+
+    _collect(layer, groups, batches, pass1)
+    if cfg.metric.needs_hist:
+        shared = cfg.metric.estimator == "hist_layer"
+        _collect(layer, groups, batches, lambda g, x: stats[g.name].update_hist(x, shared))
+    return stats
+
+
+def _group_perm(scores: list[torch.Tensor], group: Group, heads, cfg: PruneConfig):
+    """Permutation [K] for one sharing group (and kept fractions), or None without shuffles."""
+    if not cfg.shuffles:
+        return None, {}
+    stacked = torch.cat(scores, 0)
+    if not group.per_head:
+        perm, frac = shuffle(stacked[None], cfg.n, cfg.m, cfg.gns, cfg.lbs, cfg.block, cfg.iters)
+        return perm[0], frac
+    d, rep = heads.head_dim, heads.n_heads // heads.n_kv
+    per_head = stacked.view(stacked.shape[0], heads.n_heads, d)
+    batch = torch.stack(
+        [per_head[:, j * rep : (j + 1) * rep].permute(1, 0, 2).reshape(-1, d) for j in range(heads.n_kv)]
+    )
+    pi, frac = shuffle(batch, cfg.n, cfg.m, cfg.gns, cfg.lbs, cfg.block, cfg.iters)
+    kv_of = torch.arange(heads.n_heads, device=pi.device) // rep
+    perm = (torch.arange(heads.n_heads, device=pi.device)[:, None] * d + pi[kv_of]).reshape(-1)
+    return perm, frac
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, device: str | torch.device = "cpu"
+) -> PruneResult:
+    """Prune every decoder linear of ``model`` in place to cfg.n:cfg.m. ``calib`` is [n, seqlen] token ids."""
+    device = torch.device(device)
+    heads = head_shape(model.config)
+    groups = groups_of(model)
+    layers = decoder_base(model).layers
+    seconds: dict[str, float] = defaultdict(float)
+    t0 = time.perf_counter()
+    batches = capture_layer0_inputs(model, calib, device, cfg.batch_size)
+    seconds["capture"] += time.perf_counter() - t0
+    result = PruneResult({}, [], seconds)
+    bar = tqdm(range(len(layers)), desc="prune", unit="layer")
+    for i in bar:
+        layer = layers[i].to(device)
+        stats: dict[str, ChannelStats] = {}
+        if cfg.metric.needs_stats:
+            bar.set_postfix_str("stats")
+            t = time.perf_counter()
+            stats = _gather_stats(layer, groups, batches, cfg)
+            seconds["stats"] += time.perf_counter() - t
+        report: dict = {"sparsity": {}, "kept": {}}
+        for g in groups:
+            lins = [get_linear(layer, p) for p in g.linears]
+            t = time.perf_counter()
+            factor = channel_factor(stats[g.name], cfg.metric) if cfg.metric.needs_stats else None
+            scores = [importance(lin.weight, factor) for lin in lins]
+            seconds["score"] += time.perf_counter() - t
+            bar.set_postfix_str(f"shuffle {g.name}")
+            t = time.perf_counter()
+            perm, frac = _group_perm(scores, g, heads, cfg)
+            seconds["shuffle"] += time.perf_counter() - t
+            t = time.perf_counter()
+            for path, lin, s in zip(g.linears, lins, scores, strict=False):
+                serv = s if perm is None else s[:, perm]
+                mask_serv = nm_mask(serv, cfg.n, cfg.m)
+                mask = mask_serv if perm is None else torch.empty_like(mask_serv).index_copy_(1, perm, mask_serv)
+                lin.weight.mul_(mask.to(lin.weight.dtype))
+                report["sparsity"][path] = float((lin.weight == 0).float().mean())
+            if perm is not None:
+                result.perms[f"layers.{i}.{g.name}"] = perm.to(torch.int32).cpu()
+                report["kept"][g.name] = frac
+            seconds["mask"] += time.perf_counter() - t
+        bar.set_postfix_str("forward")
+        t = time.perf_counter()
+        new = _run_layer(layer, batches)
+        batches = [(h, kw) for h, (_, kw) in zip(new, batches, strict=False)]
+        seconds["forward"] += time.perf_counter() - t
+        layers[i] = layer.to("cpu")
+        result.layers.append(report)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def summary_table(result: PruneResult) -> str:
+    """Human-readable summary: time per stage and mean sparsity / kept fraction per linear type."""
+    lines = ["stage        seconds"]
+    lines += [f"{k:<12} {v:8.2f}" for k, v in result.stage_seconds.items()]
+    by_type: dict[str, list[float]] = defaultdict(list)
+    for rep in result.layers:
+        for path, sp in rep["sparsity"].items():
+            by_type[path.split(".")[-1]].append(sp)
+    lines += ["", "linear       sparsity"]
+    lines += [f"{k:<12} {sum(v) / len(v):8.4f}" for k, v in by_type.items()]
+    kept: dict[str, list[dict]] = defaultdict(list)
+    for rep in result.layers:
+        for g, frac in rep["kept"].items():
+            kept[g].append(frac)
+    if kept:
+        lines += ["", "group        kept-score fraction: identity -> GNS -> final"]
+        for g, fr in kept.items():
+            mean = {k: sum(f[k] for f in fr) / len(fr) for k in ("identity", "gns", "final")}
+            lines.append(f"{g:<12} {mean['identity']:.4f} -> {mean['gns']:.4f} -> {mean['final']:.4f}")
+    return "\n".join(lines)

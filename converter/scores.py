@@ -1,0 +1,53 @@
+"""Importance scores (higher = keep) for magnitude, Wanda and E-Sparse (§3 of the method doc).
+
+E-Sparse enriches Wanda's |W|*n with each input channel's information entropy. Additive form, scale-free
+across layers: xi_ij = |W_ij| * (n_j/mean(n) + alpha * H_j/mean(H)); at alpha = 0 it is Wanda up to one
+positive constant per input, so the masks are Wanda's exactly. ``combine="mul"`` gives |W| * n * H^alpha.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .stats import ChannelStats
+
+METHODS = ("magnitude", "wanda", "esparse")
+
+
+@dataclass(frozen=True)
+class MetricConfig:
+    method: str = "esparse"
+    alpha: float = 0.0
+    estimator: str = "hist"  # hist | hist_layer | energy
+    combine: str = "add"  # add | mul
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.method != "magnitude"
+
+    @property
+    def needs_hist(self) -> bool:
+        return self.method == "esparse" and self.alpha != 0 and self.estimator.startswith("hist")
+
+
+def channel_factor(stats: ChannelStats, cfg: MetricConfig) -> torch.Tensor:
+    """The per-input-channel multiplier of |W| (length K, fp32)."""
+    n = stats.norm()
+    if cfg.method == "wanda" or (cfg.method == "esparse" and cfg.alpha == 0):
+        return n
+    if cfg.method != "esparse":
+        raise ValueError(f"unknown method {cfg.method!r}; use one of {METHODS}")
+    h = stats.entropy(cfg.estimator)
+    if cfg.combine == "mul":
+        return n * h.clamp_min(0).pow(cfg.alpha)
+    if cfg.combine != "add":
+        raise ValueError(f"unknown combine {cfg.combine!r}; use add or mul")
+    return n / n.mean().clamp_min(1e-30) + cfg.alpha * h / h.mean().clamp_min(1e-30)
+
+
+def importance(weight: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """S = |W| * factor (broadcast over rows), fp32; ``factor=None`` is magnitude."""
+    s = weight.detach().float().abs()
+    return s if factor is None else s * factor.to(s.device)[None, :]

@@ -1,0 +1,145 @@
+"""The ``esparse`` command line: prune, ppl, export, convert-gguf, generate, bench, tune, demo.
+
+Every subcommand turns an :class:`EsparseError` into one clear line on stderr and exit code 2; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from esparse.converter.errors import EsparseError
+
+log = logging.getLogger("esparse")
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="one-shot N:M pruning of a HF LLaMA/OPT folder or a LLaMA .gguf")
+    p.add_argument("model", type=Path, help="HF model folder (LlamaForCausalLM / OPTForCausalLM) or .gguf file")
+    p.add_argument("--calib", type=Path, required=True, help="calibration text: plain text or JSON lines")
+    p.add_argument("--out", type=Path, required=True, help="output folder (HF folder + esparse.json)")
+    p.add_argument("--method", choices=("esparse", "wanda", "magnitude"), default="esparse")
+    p.add_argument("--pattern", default="2:4", help="keep N of every M weights (2:4, 4:8, N:M)")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    p.add_argument("--no-shuffle", action="store_true", help="no channel shuffle at all")
+    p.add_argument("--gns", choices=("serpentine", "round_robin", "off"), default=None,
+                   help="global naive shuffle (default: serpentine for esparse, off otherwise)")
+    p.add_argument("--lbs", choices=("on", "off"), default=None,
+                   help="local block shuffle (default: on for esparse, off otherwise)")
+    p.add_argument("--block", type=int, default=64, help="local shuffle block size (channels)")
+    p.add_argument("--iters", type=int, default=100, help="local shuffle best-swap iterations per block")
+    p.add_argument("--alpha", type=float, default=None, help="entropy weight (esparse; default: docs/method.md)")
+    p.add_argument("--entropy", choices=("hist", "hist_layer", "energy"), default=None)
+    p.add_argument("--combine", choices=("add", "mul"), default=None)
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward call")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_prune)
+
+
+def build_prune_config(args) -> PruneConfig:  # noqa: F821
+    from esparse.converter.defaults import ESPARSE_DEFAULTS
+    from esparse.converter.masks import parse_pattern
+    from esparse.converter.prune import PruneConfig
+    from esparse.converter.scores import MetricConfig
+
+    n, m = parse_pattern(args.pattern)
+    is_es = args.method == "esparse"
+    metric = MetricConfig(
+        method=args.method,
+        alpha=args.alpha if args.alpha is not None else ESPARSE_DEFAULTS["alpha"],
+        estimator=args.entropy or ESPARSE_DEFAULTS["estimator"],
+        combine=args.combine or ESPARSE_DEFAULTS["combine"],
+    )
+    gns = args.gns or (ESPARSE_DEFAULTS["gns"] if is_es else "off")
+    lbs = (args.lbs or ("on" if is_es else "off")) == "on"
+    if args.no_shuffle:
+        gns, lbs = "off", False
+    return PruneConfig(n=n, m=m, metric=metric, gns=None if gns == "off" else gns, lbs=lbs,
+                       block=args.block, iters=args.iters, batch_size=args.batch_size)
+
+
+def cmd_prune(args) -> None:
+    from esparse.converter.pipeline import CalibConfig, prune_checkpoint
+
+    cfg = build_prune_config(args)
+    calib = CalibConfig(args.nsamples, args.seqlen, args.seed)
+    prune_checkpoint(args.model, args.calib, args.out, cfg, calib, args.device, args.overwrite)
+    print(f"wrote {args.out}")
+
+
+def _add_ppl(sub) -> None:
+    p = sub.add_parser("ppl", help="perplexity of a HF folder or .gguf on a text file (WikiText protocol)")
+    p.add_argument("model", type=Path)
+    p.add_argument("--text", type=Path, required=True, help="e.g. wikitext-2/wiki.test.raw")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32", "auto"), default="auto")
+    p.set_defaults(func=cmd_ppl)
+
+
+def cmd_ppl(args) -> None:
+    import torch
+
+    from esparse.converter.model_io import load_model, load_tokenizer, parse_dtype
+    from esparse.converter.pipeline import resolve_device
+    from esparse.converter.ppl import perplexity
+    from esparse.converter.text import eval_windows, read_documents
+
+    dev = resolve_device(args.device)
+    dtype = parse_dtype(args.dtype) or (torch.float32 if dev.type == "cpu" else None)
+    tok = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=dtype, device=str(dev))
+    seqlen = min(args.seqlen, getattr(model.config, "max_position_embeddings", args.seqlen))
+    windows = eval_windows(tok, read_documents(args.text), seqlen, args.max_windows)
+    ppl = perplexity(model, windows, dev)
+    print(f"perplexity {ppl:.3f}  ({windows.shape[0]} windows x {seqlen} tokens of {args.text})")
+
+
+def _add_convert_gguf(sub) -> None:
+    p = sub.add_parser("convert-gguf", help="dequantize a LLaMA .gguf into a fp16 HF folder")
+    p.add_argument("gguf", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=lambda a: __import__("esparse.converter.gguf_io", fromlist=["x"]).convert_gguf(
+        a.gguf, a.out, a.overwrite))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esparse", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_prune, _add_ppl, _add_convert_gguf):
+        add(sub)
+    for extra in ("esparse.converter.export_cli", "esparse.python_api.cli", "esparse.ft_plugin.cli",
+                  "esparse.demo"):
+        try:
+            mod = __import__(extra, fromlist=["add_commands"])
+        except ModuleNotFoundError as e:
+            if e.name != extra:
+                raise
+            continue
+        mod.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except EsparseError as e:
+        print(f"esparse: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

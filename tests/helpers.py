@@ -1,0 +1,83 @@
+"""Tiny random LLaMA/OPT models and a tiny trained tokenizer, built offline for the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Sparse matrices keep two of every four weights. "
+    "Entropy measures how much information a channel carries across tokens. "
+    "Large language models are pruned one layer at a time with calibration text. "
+) * 4
+
+
+def make_tokenizer(vocab_size: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator([SAMPLE_TEXT] * 8, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def llama_config(vocab_size: int, **kw):
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def opt_config(vocab_size: int, **kw):
+    from transformers import OPTConfig
+
+    base = dict(vocab_size=vocab_size, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    base.update(kw)
+    return OPTConfig(**base)
+
+
+def make_model(arch: str, seed: int = 0, dtype=torch.float32, **kw):
+    from transformers import LlamaForCausalLM, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    if arch == "llama":
+        model = LlamaForCausalLM(llama_config(len(tok), **kw))
+    else:
+        model = OPTForCausalLM(opt_config(len(tok), **kw))
+    # spread the weights so that importance differs between channels, as in trained models
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(torch.exp(torch.randn(p.shape[1]) * 0.5)[None, :])
+    return model.to(dtype).eval(), tok
+
+
+def save_model(arch: str, path: Path, seed: int = 0, dtype=torch.float32, **kw) -> Path:
+    model, tok = make_model(arch, seed, dtype, **kw)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_text(path: Path, repeats: int = 20) -> Path:
+    lines = []
+    g = torch.Generator().manual_seed(0)
+    words = SAMPLE_TEXT.split()
+    for _ in range(repeats):
+        idx = torch.randint(0, len(words), (60,), generator=g).tolist()
+        lines.append(" ".join(words[i] for i in idx))
+    path.write_text("\n".join(lines) + "\n")
+    return path
