@@ -7,6 +7,7 @@ through :func:`atomic_output_dir`.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -28,6 +29,9 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the finished folder gets normal permissions
     try:
         yield tmp
     except BaseException:

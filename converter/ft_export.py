@@ -1,0 +1,147 @@
+"""``esparse export``: a pruned (or dense) HF folder -> FasterTransformer weight files, per tp rank.
+
+Pruned linears are written in serving channel order (converter.serving) with the compressed N:M layout;
+norms stay in the original order and their output gathers are written as ``*.perm.bin``. Tensors are made
+and written one layer at a time, into a temporary folder renamed when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .arch import decoder_base, head_shape
+from .errors import EsparseError
+from .fsutil import atomic_output_dir
+from .ft_format import (
+    DTYPE_NAMES,
+    FTConfig,
+    LinearSpec,
+    check_tp,
+    expected_files,
+    linear_specs,
+    perm_names,
+    replicated_specs,
+    write_config,
+)
+from .model_io import load_model
+from .nm_pack import pack_nm
+from .pipeline import read_prune_meta
+from .serving import serving_layer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportReport:
+    folder: Path
+    dense_linear_bytes: int
+    written_linear_bytes: int
+    dense_total_bytes: int
+    written_total_bytes: int
+
+    def summary(self) -> str:
+        return (f"linears: dense {self.dense_linear_bytes / 2**20:.1f} MiB -> written "
+                f"{self.written_linear_bytes / 2**20:.1f} MiB ({self.written_linear_bytes / self.dense_linear_bytes:.4f}x); "
+                f"whole model: {self.dense_total_bytes / 2**20:.1f} MiB -> {self.written_total_bytes / 2**20:.1f} MiB "
+                f"({self.written_total_bytes / self.dense_total_bytes:.4f}x)")
+
+
+def ft_config_from_hf(config, tp: int, dtype: str, sparsity: str, method: str, permuted) -> FTConfig:
+    arch = config.model_type
+    heads = head_shape(config)
+    if arch == "opt":
+        if config.word_embed_proj_dim != config.hidden_size or not config.do_layer_norm_before:
+            raise EsparseError("OPT-350m-style models (project_in/out, post-LayerNorm) are not exported: "
+                               "use another OPT size")
+        inter, eps, theta = config.ffn_dim, 1e-5, 10000.0
+    else:
+        inter, eps = config.intermediate_size, config.rms_norm_eps
+        theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get(
+            "rope_theta", 10000.0)
+    return FTConfig(arch=arch, hidden=config.hidden_size, n_heads=heads.n_heads, n_kv=heads.n_kv,
+                    head_dim=heads.head_dim, inter=inter, n_layers=config.num_hidden_layers,
+                    vocab=config.vocab_size, max_pos=config.max_position_embeddings, eps=float(eps), tp=tp,
+                    dtype=dtype, rope_theta=float(theta), start_id=config.bos_token_id or 0,
+                    end_id=config.eos_token_id if isinstance(config.eos_token_id, int) else 2,
+                    sparsity=sparsity, method=method, permuted=tuple(permuted),
+                    extra={"model_name": getattr(config, "_name_or_path", "") or arch})
+
+
+def write_tensor(t: torch.Tensor, path: Path) -> int:
+    """Raw little-endian, C order, no header (numpy ``tofile``); returns bytes written."""
+    data = t.detach().contiguous().cpu().view(torch.uint8).numpy()
+    data.tofile(path)
+    return data.nbytes
+
+
+def rank_rows(w: torch.Tensor, spec: LinearSpec, tp: int, r: int) -> torch.Tensor:
+    """Rank r's part of a column-parallel [N, ...] tensor: each fused segment split separately."""
+    parts, start = [], 0
+    for seg in spec.segments:
+        step = seg // tp
+        parts.append(w[start + r * step : start + (r + 1) * step])
+        start += seg
+    return torch.cat(parts, 0)
+
+
+def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwrite: bool = False) -> ExportReport:
+    if dtype not in DTYPE_NAMES:
+        raise EsparseError(f"--dtype {dtype}: use fp16, bf16 or fp32")
+    pruned = read_prune_meta(Path(src)) if Path(src).is_dir() else None
+    meta, perms = pruned if pruned else ({}, {})
+    torch_dtype = DTYPE_NAMES[dtype]
+    model = load_model(src, dtype=torch_dtype)
+    arch = model.config.model_type
+    sparsity = meta.get("pattern", "")
+    permuted = sorted({k.split(".")[-1] for k in perms})
+    cfg = ft_config_from_hf(model.config, tp, dtype, sparsity, meta.get("method", "dense"), permuted)
+    check_tp(cfg)
+    nm = cfg.nm
+    heads = head_shape(model.config)
+    state = model.state_dict()
+    item = torch.tensor([], dtype=torch_dtype).element_size()
+    dense_lin = written_lin = other = 0
+    with atomic_output_dir(Path(out), overwrite) as tmp:
+        folder = tmp / f"{tp}-gpu"
+        folder.mkdir()
+        write_config(cfg, folder / "config.ini")
+        for name, (_, hf_key) in replicated_specs(cfg).items():
+            t = state.get(hf_key)
+            if hf_key == "lm_head.weight" and t is None:
+                t = state["model.embed_tokens.weight" if arch == "llama" else "model.decoder.embed_tokens.weight"]
+            if name == "model.wpe":
+                t = t[2:]  # OPT's learned positions carry an offset of 2
+            other += write_tensor(t.to(torch_dtype), folder / f"{name}.bin")
+        layers = decoder_base(model).layers
+        for i in tqdm(range(cfg.n_layers), desc="export", unit="layer"):
+            tensors = {k: v.to(torch_dtype) for k, v in layers[i].state_dict().items()}
+            lp = {g: p for g in ("attn_in", "attn_out", "mlp_in", "mlp_out") if (p := perms.get(f"layers.{i}.{g}")) is not None}
+            tensors, _ = serving_layer(arch, tensors, lp, heads)
+            for spec in linear_specs(cfg, i):
+                w = torch.cat([tensors[f"{h}.weight"] for h in spec.hf], 0)
+                b = torch.cat([tensors[f"{h}.bias"] for h in spec.hf], 0) if spec.bias else None
+                dense_lin += w.numel() * item
+                for r in range(tp):
+                    wr = rank_rows(w, spec, tp, r) if spec.parallel == "col" else w.chunk(tp, 1)[r]
+                    if nm:
+                        packed = pack_nm(wr, *nm)
+                        written_lin += write_tensor(packed.values, folder / f"{spec.name}.{r}.values.bin")
+                        written_lin += write_tensor(packed.meta, folder / f"{spec.name}.{r}.meta.bin")
+                    else:
+                        written_lin += write_tensor(wr.t(), folder / f"{spec.name}.{r}.bin")
+                    if b is not None and spec.parallel == "col":
+                        other += write_tensor(rank_rows(b, spec, tp, r), folder / f"{spec.name[:-6]}bias.{r}.bin")
+            for group, stem in perm_names(cfg, i).items():
+                if group in lp:
+                    other += write_tensor(lp[group].to(torch.int32), folder / f"{stem}.bin")
+        missing = set(expected_files(cfg)) - {p.name for p in folder.iterdir()}
+        if missing:
+            raise EsparseError(f"internal error: export did not write {sorted(missing)[:3]}")
+    rep = ExportReport(Path(out), dense_lin, written_lin, dense_lin + other, written_lin + other)
+    log.info("%s", rep.summary())
+    return rep

@@ -1,0 +1,237 @@
+"""FasterTransformer folder layout: config.ini, tensor names, shapes per tensor-parallel rank, file sizes.
+
+One description serves the writer and the loader, so what is validated is exactly what is written.
+Dense linears are stored as FT does, transposed to [in, out]; compressed N:M linears as
+``<name>.<rank>.values.bin`` / ``.meta.bin`` in torch layout [out, in] (groups run along the input dim).
+Grouped-query attention: the fused qkv holds [q | k | v] and each part is split per rank separately.
+"""
+
+from __future__ import annotations
+
+import configparser
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import EsparseError
+from .nm_pack import row_meta_bytes
+
+FORMAT_VERSION = 1
+DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class FTConfig:
+    arch: str  # llama | opt
+    hidden: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    inter: int
+    n_layers: int
+    vocab: int
+    max_pos: int
+    eps: float
+    tp: int = 1
+    dtype: str = "fp16"
+    rope_theta: float = 10000.0
+    start_id: int = 1
+    end_id: int = 2
+    sparsity: str = ""  # "" dense, else "N:M"
+    method: str = "dense"
+    permuted: tuple[str, ...] = ()  # groups whose permutation was applied (attn_in, attn_out, mlp_in, mlp_out)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        if not self.sparsity:
+            return None
+        n, m = self.sparsity.split(":")
+        return int(n), int(m)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPE_NAMES[self.dtype]
+
+    @property
+    def section(self) -> str:
+        return "llama" if self.arch == "llama" else "gpt"
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    name: str  # e.g. model.layers.0.attention.query_key_value.weight
+    k: int  # input features
+    segments: tuple[int, ...]  # output features per fused part (q, k, v) before the tp split
+    parallel: str  # col | row
+    group: str  # sharing group of its input (attn_in, attn_out, mlp_in, mlp_out)
+    hf: tuple[str, ...]  # HF module paths fused into it, in segment order
+    bias: bool = False
+
+    @property
+    def n(self) -> int:
+        return sum(self.segments)
+
+
+def linear_specs(cfg: FTConfig, layer: int) -> list[LinearSpec]:
+    p = f"model.layers.{layer}."
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv * cfg.head_dim
+    attn = [
+        LinearSpec(p + "attention.query_key_value.weight", cfg.hidden, (q, kv, kv), "col", "attn_in",
+                   ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), cfg.arch == "opt"),
+        LinearSpec(p + "attention.dense.weight", q, (cfg.hidden,), "row", "attn_out",
+                   ("self_attn.o_proj" if cfg.arch == "llama" else "self_attn.out_proj",), cfg.arch == "opt"),
+    ]
+    if cfg.arch == "llama":
+        mlp = [
+            LinearSpec(p + "mlp.gate_proj.weight", cfg.hidden, (cfg.inter,), "col", "mlp_in", ("mlp.gate_proj",)),
+            LinearSpec(p + "mlp.up_proj.weight", cfg.hidden, (cfg.inter,), "col", "mlp_in", ("mlp.up_proj",)),
+            LinearSpec(p + "mlp.down_proj.weight", cfg.inter, (cfg.hidden,), "row", "mlp_out", ("mlp.down_proj",)),
+        ]
+    else:
+        mlp = [
+            LinearSpec(p + "mlp.dense_h_to_4h.weight", cfg.hidden, (cfg.inter,), "col", "mlp_in", ("fc1",), True),
+            LinearSpec(p + "mlp.dense_4h_to_h.weight", cfg.inter, (cfg.hidden,), "row", "mlp_out", ("fc2",), True),
+        ]
+    return attn + mlp
+
+
+def replicated_specs(cfg: FTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Non-linear tensors: name -> (shape, HF state-dict key)."""
+    h = cfg.hidden
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    if cfg.arch == "llama":
+        out["model.wte.weight"] = ((cfg.vocab, h), "model.embed_tokens.weight")
+        out["model.final_layernorm.weight"] = ((h,), "model.norm.weight")
+        for i in range(cfg.n_layers):
+            p, hp = f"model.layers.{i}.", f"model.layers.{i}."
+            out[p + "input_layernorm.weight"] = ((h,), hp + "input_layernorm.weight")
+            out[p + "post_attention_layernorm.weight"] = ((h,), hp + "post_attention_layernorm.weight")
+    else:
+        out["model.wte"] = ((cfg.vocab, h), "model.decoder.embed_tokens.weight")
+        out["model.wpe"] = ((cfg.max_pos, h), "model.decoder.embed_positions.weight")
+        out["model.final_layernorm.weight"] = ((h,), "model.decoder.final_layer_norm.weight")
+        out["model.final_layernorm.bias"] = ((h,), "model.decoder.final_layer_norm.bias")
+        for i in range(cfg.n_layers):
+            p, hp = f"model.layers.{i}.", f"model.decoder.layers.{i}."
+            for ft, hf in (("input_layernorm", "self_attn_layer_norm"), ("post_attention_layernorm", "final_layer_norm")):
+                out[p + ft + ".weight"] = ((h,), hp + hf + ".weight")
+                out[p + ft + ".bias"] = ((h,), hp + hf + ".bias")
+            out[p + "attention.dense.bias"] = ((h,), hp + "self_attn.out_proj.bias")
+            out[p + "mlp.dense_4h_to_h.bias"] = ((h,), hp + "fc2.bias")
+    out["model.lm_head.weight"] = ((cfg.vocab, h), "lm_head.weight")
+    return out
+
+
+def perm_names(cfg: FTConfig, layer: int) -> dict[str, str]:
+    """group -> the perm file stem, named after the tensor its permutation applies to."""
+    p = f"model.layers.{layer}."
+    down = "mlp.down_proj" if cfg.arch == "llama" else "mlp.dense_4h_to_h"
+    return {"attn_in": p + "input_layernorm.perm", "attn_out": p + "attention.dense.perm",
+            "mlp_in": p + "post_attention_layernorm.perm", "mlp_out": p + down + ".perm"}
+
+
+def rank_rows(spec: LinearSpec, tp: int) -> int:
+    return sum(s // tp for s in spec.segments) if spec.parallel == "col" else spec.n
+
+
+def rank_k(spec: LinearSpec, tp: int) -> int:
+    return spec.k // tp if spec.parallel == "row" else spec.k
+
+
+def expected_files(cfg: FTConfig) -> dict[str, int]:
+    """Every file of a folder (name -> exact byte count), from config.ini alone."""
+    item = torch.tensor([], dtype=cfg.torch_dtype).element_size()
+    files: dict[str, int] = {}
+    for name, (shape, _) in replicated_specs(cfg).items():
+        files[name + ".bin"] = item * _prod(shape)
+    nm = cfg.nm
+    for i in range(cfg.n_layers):
+        for spec in linear_specs(cfg, i):
+            for r in range(cfg.tp):
+                rows, k = rank_rows(spec, cfg.tp), rank_k(spec, cfg.tp)
+                if nm:
+                    files[f"{spec.name}.{r}.values.bin"] = item * rows * k * nm[0] // nm[1]
+                    files[f"{spec.name}.{r}.meta.bin"] = rows * row_meta_bytes(k, *nm)
+                else:
+                    files[f"{spec.name}.{r}.bin"] = item * rows * k
+                if spec.bias and spec.parallel == "col":
+                    files[f"{spec.name[:-len('weight')]}bias.{r}.bin"] = item * rows
+        for group, stem in perm_names(cfg, i).items():
+            if group in cfg.permuted:
+                k = cfg.hidden if group in ("attn_in", "mlp_in") else (
+                    cfg.n_heads * cfg.head_dim if group == "attn_out" else cfg.inter)
+                files[stem + ".bin"] = 4 * k
+    return files
+
+
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def check_tp(cfg: FTConfig) -> None:
+    """tp must divide heads, kv heads and the intermediate size, on whole N:M groups."""
+    tp = cfg.tp
+    if tp < 1 or tp & (tp - 1):
+        raise EsparseError(f"--tp {tp}: use 1, 2, 4 or 8")
+    for what, val in (("head_num", cfg.n_heads), ("kv_head_num", cfg.n_kv), ("inter_size", cfg.inter)):
+        if val % tp:
+            raise EsparseError(f"--tp {tp} does not divide {what} = {val}: choose a tp that divides it")
+    if cfg.nm:
+        m = cfg.nm[1]
+        for what, k in (("attention input", cfg.n_heads * cfg.head_dim), ("mlp input", cfg.inter)):
+            if (k // tp) % m:
+                raise EsparseError(f"--tp {tp} splits the {what} ({k}) off the {cfg.sparsity} groups")
+
+
+def write_config(cfg: FTConfig, path: Path) -> None:
+    cp = configparser.ConfigParser()
+    common = {"model_name": cfg.extra.get("model_name", cfg.arch), "head_num": cfg.n_heads,
+              "size_per_head": cfg.head_dim, "hidden_size": cfg.hidden, "inter_size": cfg.inter, "num_layer": cfg.n_layers,
+              "vocab_size": cfg.vocab, "start_id": cfg.start_id, "end_id": cfg.end_id,
+              "weight_data_type": cfg.dtype, "tensor_para_size": cfg.tp, "max_pos_seq_len": cfg.max_pos,
+              "layernorm_eps": cfg.eps}
+    if cfg.arch == "llama":
+        common.update(kv_head_num=cfg.n_kv, rotary_embedding=cfg.head_dim, rope_theta=cfg.rope_theta)
+    else:
+        common.update(layernorm_type="pre_layernorm", activation_type="Relu", has_post_decoder_layernorm=1,
+                      int8=0)
+    cp[cfg.section] = {k: str(v) for k, v in common.items()}
+    cp["esparse"] = {"format_version": str(FORMAT_VERSION), "arch": cfg.arch, "sparsity": cfg.sparsity or "dense",
+                     "method": cfg.method, "permuted": ",".join(cfg.permuted),
+                     "sparse_linears": "all" if cfg.sparsity else "none"}
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        cp.write(f)
+    tmp.rename(path)
+
+
+def read_config(path: Path) -> FTConfig:
+    if not path.is_file():
+        raise EsparseError(f"{path} is missing: not an esparse/FasterTransformer folder")
+    cp = configparser.ConfigParser()
+    try:
+        cp.read(path)
+        es = cp["esparse"]
+        if int(es["format_version"]) != FORMAT_VERSION:
+            raise EsparseError(f"{path} has format_version {es['format_version']}; this esparse reads "
+                               f"{FORMAT_VERSION}: re-export the model")
+        arch = es["arch"]
+        sec = cp["llama" if arch == "llama" else "gpt"]
+        return FTConfig(
+            arch=arch, hidden=int(sec.get("hidden_size", int(sec["head_num"]) * int(sec["size_per_head"]))),
+            n_heads=int(sec["head_num"]), n_kv=int(sec.get("kv_head_num", sec["head_num"])),
+            head_dim=int(sec["size_per_head"]), inter=int(sec["inter_size"]), n_layers=int(sec["num_layer"]),
+            vocab=int(sec["vocab_size"]), max_pos=int(sec["max_pos_seq_len"]), eps=float(sec["layernorm_eps"]),
+            tp=int(sec["tensor_para_size"]), dtype=sec["weight_data_type"],
+            rope_theta=float(sec.get("rope_theta", 10000.0)), start_id=int(sec["start_id"]),
+            end_id=int(sec["end_id"]), sparsity="" if es["sparsity"] == "dense" else es["sparsity"],
+            method=es["method"], permuted=tuple(p for p in es["permuted"].split(",") if p),
+            extra={"model_name": sec.get("model_name", arch)},
+        )
+    except (KeyError, ValueError, configparser.Error) as e:
+        raise EsparseError(f"{path} is not a valid esparse config.ini ({e}): re-export the model") from e
