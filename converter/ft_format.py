@@ -115,7 +115,8 @@ def replicated_specs(cfg: FTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
         out["model.final_layernorm.bias"] = ((h,), "model.decoder.final_layer_norm.bias")
         for i in range(cfg.n_layers):
             p, hp = f"model.layers.{i}.", f"model.decoder.layers.{i}."
-            for ft, hf in (("input_layernorm", "self_attn_layer_norm"), ("post_attention_layernorm", "final_layer_norm")):
+            for ft, hf in (("input_layernorm", "self_attn_layer_norm"),
+                           ("post_attention_layernorm", "final_layer_norm")):
                 out[p + ft + ".weight"] = ((h,), hp + hf + ".weight")
                 out[p + ft + ".bias"] = ((h,), hp + hf + ".bias")
             out[p + "attention.dense.bias"] = ((h,), hp + "self_attn.out_proj.bias")
@@ -191,7 +192,8 @@ def check_tp(cfg: FTConfig) -> None:
 def write_config(cfg: FTConfig, path: Path) -> None:
     cp = configparser.ConfigParser()
     common = {"model_name": cfg.extra.get("model_name", cfg.arch), "head_num": cfg.n_heads,
-              "size_per_head": cfg.head_dim, "hidden_size": cfg.hidden, "inter_size": cfg.inter, "num_layer": cfg.n_layers,
+              "size_per_head": cfg.head_dim, "hidden_size": cfg.hidden, "inter_size": cfg.inter,
+              "num_layer": cfg.n_layers,
               "vocab_size": cfg.vocab, "start_id": cfg.start_id, "end_id": cfg.end_id,
               "weight_data_type": cfg.dtype, "tensor_para_size": cfg.tp, "max_pos_seq_len": cfg.max_pos,
               "layernorm_eps": cfg.eps}
@@ -201,7 +203,8 @@ def write_config(cfg: FTConfig, path: Path) -> None:
         common.update(layernorm_type="pre_layernorm", activation_type="Relu", has_post_decoder_layernorm=1,
                       int8=0)
     cp[cfg.section] = {k: str(v) for k, v in common.items()}
-    cp["esparse"] = {"format_version": str(FORMAT_VERSION), "arch": cfg.arch, "sparsity": cfg.sparsity or "dense",
+    cp["esparse"] = {"format_version": str(FORMAT_VERSION), "arch": cfg.arch,
+                     "sparsity": cfg.sparsity or "dense",
                      "method": cfg.method, "permuted": ",".join(cfg.permuted),
                      "sparse_linears": "all" if cfg.sparsity else "none"}
     tmp = path.with_suffix(".tmp")
