@@ -1,0 +1,87 @@
+"""Text generation on the runtime: batched prompts (left padded), greedy or temperature/top-p sampling,
+decode steps optionally replayed from CUDA graphs captured once per batch size."""
+
+from __future__ import annotations
+
+import torch
+
+from .model import Decoder, KVCache
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens [B] from logits [B, V]: greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    sorted_p, idx = probs.sort(-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p > top_p
+    sorted_p = sorted_p.masked_fill(drop, 0)
+    choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
+    return idx.gather(-1, choice)[:, 0]
+
+
+class GraphDecodeStep:
+    """One decode step captured in a CUDA graph for a fixed batch size and cache."""
+
+    def __init__(self, model: Decoder, cache: KVCache):
+        self.model, self.cache = model, cache
+        b = cache.k.shape[1]
+        self.ids = torch.zeros(b, 1, dtype=torch.long, device=model.device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=model.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph (plans, workspaces, autotuning)
+            for _ in range(2):
+                model(self.ids, cache, self.slot)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.ids, cache, self.slot)
+
+    def __call__(self, ids: torch.Tensor, slot: int) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.slot.fill_(slot)
+        self.graph.replay()
+        return self.logits
+
+
+@torch.no_grad()
+def generate(model: Decoder, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0, seed: int = 0,
+             cuda_graph: bool = False) -> list[list[int]]:
+    """New tokens for each prompt (stops a sequence at ``eos_id``)."""
+    b = len(prompts)
+    t = max(len(p) for p in prompts)
+    dev = model.device
+    ids = torch.full((b, t), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = torch.tensor(p)
+    cache = model.new_cache(b, t + max_new_tokens)
+    cache.pad.copy_(torch.tensor([t - len(p) for p in prompts]))
+    gen = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None
+    logits = model(ids.to(dev), cache, 0, attend=t)[:, -1]
+    step = GraphDecodeStep(model, cache) if cuda_graph and dev.type == "cuda" else None
+    out = torch.empty(b, max_new_tokens, dtype=torch.long, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    for j in range(max_new_tokens):
+        nxt = sample(logits, temperature, top_p, gen)
+        out[:, j] = nxt
+        if eos_id is not None:
+            done |= nxt == eos_id
+            if j % 16 == 15 and bool(done.all()):
+                out = out[:, : j + 1]
+                break
+        if j == max_new_tokens - 1:
+            break
+        slot = t + j
+        if step is not None:
+            logits = step(nxt[:, None], slot)[:, -1]
+        else:
+            logits = model(nxt[:, None], cache, torch.tensor([slot], device=dev), attend=slot + 1)[:, -1]
+    result = []
+    for row in out.tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id) + 1]
+        result.append(row)
+    return result
