@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from common import environment, format_table, write_json
 from esparse.converter.model_io import load_model, load_tokenizer
 from esparse.converter.ppl import perplexity
 from esparse.converter.prune import PruneConfig, prune_model
@@ -26,6 +25,7 @@ from esparse.converter.scores import MetricConfig
 from esparse.converter.text import calibration_windows, eval_windows, read_documents
 
 from esparse.assets import real_assets, smollm2_hf_dir
+from esparse.report import environment, format_table, write_json
 
 ES = dict(gns="serpentine", lbs=True)
 NO = dict(gns=None, lbs=False)
@@ -48,12 +48,10 @@ def variants(group: str) -> dict[str, PruneConfig | None]:
         "esparse 2:4 no shuffle": PruneConfig(2, 4, MetricConfig("esparse"), **NO),
     }
     entropy = {}
-    for est in ("hist", "hist_layer", "energy"):
-        for alpha in (0.25, 1.0):
-            entropy[f"esparse 2:4 H={est} add a={alpha}"] = PruneConfig(
-                2, 4, MetricConfig("esparse", alpha, est, "add"), **ES)
-        entropy[f"esparse 2:4 H={est} mul a=1"] = PruneConfig(2, 4, MetricConfig("esparse", 1.0, est, "mul"), **ES)
-    entropy["esparse 2:4 H=energy mul a=0.5"] = PruneConfig(2, 4, MetricConfig("esparse", 0.5, "energy", "mul"), **ES)
+    for est, combine, alpha in [("hist", "add", 0.25), ("hist_layer", "add", 0.25), ("energy", "add", 0.25),
+                                ("energy", "add", 1.0), ("energy", "mul", 1.0), ("hist", "mul", 1.0)]:
+        entropy[f"esparse 2:4 H={est} {combine} a={alpha}"] = PruneConfig(
+            2, 4, MetricConfig("esparse", alpha, est, combine), **ES)
     shuffle = {
         "esparse 2:4 GNS round-robin": PruneConfig(2, 4, MetricConfig("esparse"), gns="round_robin", lbs=True),
         "esparse 2:4 block 128": PruneConfig(2, 4, MetricConfig("esparse"), block=128, **ES),

@@ -28,7 +28,7 @@ from .ft_format import (
     replicated_specs,
     write_config,
 )
-from .model_io import load_model
+from .model_io import copy_tokenizer_files, is_gguf, load_model, load_tokenizer
 from .nm_pack import pack_nm
 from .pipeline import read_prune_meta
 from .serving import serving_layer
@@ -110,6 +110,10 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
     with atomic_output_dir(Path(out), overwrite) as tmp:
         folder = tmp / f"{tp}-gpu"
         folder.mkdir()
+        if is_gguf(Path(src)):  # the tokenizer travels with the weights, for esparse generate
+            load_tokenizer(Path(src)).save_pretrained(tmp)
+        else:
+            copy_tokenizer_files(Path(src), tmp)
         write_config(cfg, folder / "config.ini")
         for name, (_, hf_key) in replicated_specs(cfg).items():
             t = state.get(hf_key)

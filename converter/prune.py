@@ -124,7 +124,7 @@ def _gather_stats(layer, groups, batches, cfg: PruneConfig) -> dict[str, Channel
 
     def pass1(g: Group, x: torch.Tensor) -> None:
         if g.name not in stats:
-            stats[g.name] = ChannelStats(x.shape[-1], x.device, cfg.bins)
+            stats[g.name] = ChannelStats(x.shape[-1], x.device, cfg.bins, cfg.metric.needs_energy)
         stats[g.name].update(x)
 
     _collect(layer, groups, batches, pass1)

@@ -28,6 +28,10 @@ class MetricConfig:
         return self.method != "magnitude"
 
     @property
+    def needs_energy(self) -> bool:
+        return self.method == "esparse" and self.alpha != 0 and self.estimator == "energy"
+
+    @property
     def needs_hist(self) -> bool:
         return self.method == "esparse" and self.alpha != 0 and self.estimator.startswith("hist")
 

@@ -120,12 +120,16 @@ def local_block_shuffle(
         new[bidx, pa], new[bidx, pc] = c, a
         pos2ch = torch.where(active[:, None], new, pos2ch)
         t, o, kept = _slot_terms(arrangement(), n, m)
-        ga, gc = group_of_slot[pa], group_of_slot[pc]
+        # only blocks that just swapped need their 2M touched Rep rows recomputed
+        act = active.nonzero()[:, 0]
+        ga, gc = group_of_slot[pa[act]], group_of_slot[pc[act]]
         offs = torch.arange(m, device=dev)
-        slots = torch.cat([ga[:, None] * m + offs, gc[:, None] * m + offs], 1)  # [nb, 2M]
-        t_s = torch.gather(t.reshape(nb, r, bk), 2, slots[:, None, :].expand(nb, r, 2 * m))
-        o_s = torch.gather(o.reshape(nb, r, bk), 2, slots[:, None, :].expand(nb, r, 2 * m))
-        rep.scatter_(1, slots[:, :, None].expand(nb, 2 * m, bk), _rep_rows(x, t_s, o_s, chunk))
+        slots = torch.cat([ga[:, None] * m + offs, gc[:, None] * m + offs], 1)  # [na, 2M]
+        na = act.numel()
+        t_s = torch.gather(t.reshape(nb, r, bk)[act], 2, slots[:, None, :].expand(na, r, 2 * m))
+        o_s = torch.gather(o.reshape(nb, r, bk)[act], 2, slots[:, None, :].expand(na, r, 2 * m))
+        rows = _rep_rows(x[act], t_s, o_s, chunk)
+        rep[act] = rep[act].scatter(1, slots[:, :, None].expand(na, 2 * m, bk), rows)
     local = pos2ch.view(bsz, nblk, bk) + (torch.arange(nblk, device=dev) * bk)[None, :, None]
     return torch.gather(perm, 1, local.reshape(bsz, k))
 

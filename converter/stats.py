@@ -18,8 +18,8 @@ ENTROPY_ESTIMATORS = ("hist", "hist_layer", "energy")
 class ChannelStats:
     """Accumulates statistics of the K channels of one linear input over all calibration tokens."""
 
-    def __init__(self, k: int, device: torch.device | str, bins: int = 256):
-        self.k, self.bins, self.ntokens = k, bins, 0
+    def __init__(self, k: int, device: torch.device | str, bins: int = 256, energy: bool = True):
+        self.k, self.bins, self.ntokens, self.track_energy = k, bins, 0, energy
         f64 = dict(device=device, dtype=torch.float64)
         self.sumsq = torch.zeros(k, **f64)
         self.energy_xlogx = torch.zeros(k, **f64)  # sum_t e ln e with e = x^2
@@ -32,7 +32,8 @@ class ChannelStats:
         x = x.reshape(-1, self.k).float()
         e = x * x
         self.sumsq += e.sum(0, dtype=torch.float64)
-        self.energy_xlogx += torch.xlogy(e, e).sum(0, dtype=torch.float64)
+        if self.track_energy:
+            self.energy_xlogx += torch.xlogy(e, e).sum(0, dtype=torch.float64)
         self.lo = torch.minimum(self.lo, x.amin(0))
         self.hi = torch.maximum(self.hi, x.amax(0))
         self.ntokens += x.shape[0]
@@ -57,6 +58,8 @@ class ChannelStats:
         p_t = x_t^2 / sum x^2, i.e. ln S - sum(e ln e)/S (how spread out over tokens a channel's mass is).
         """
         if estimator == "energy":
+            if not self.track_energy:
+                raise RuntimeError("energy entropy was not tracked (ChannelStats(energy=False))")
             s = self.sumsq
             h = torch.where(s > 0, s.log() - self.energy_xlogx / s.clamp_min(1e-300), torch.zeros_like(s))
             return h.float()

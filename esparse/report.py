@@ -1,4 +1,4 @@
-"""Shared bits of the benchmark scripts: result folders, tables, JSON and plots."""
+"""Reporting helpers shared by the benchmarks and the CLI: where a number was measured, tables, JSON."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def environment() -> dict:
     """Where a number was measured: device, torch, commit."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
     except OSError:
         commit = ""
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86_64'})"

@@ -1,0 +1,46 @@
+// Error checking shared by the sparse (cuSPARSELt) and dense (cuBLASLt) GEMM ops.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <cublasLt.h>
+#include <cusparseLt.h>
+
+#define ESPARSE_CHECK_CUSPARSE(expr)                                                              \
+  do {                                                                                            \
+    cusparseStatus_t _st = (expr);                                                                \
+    TORCH_CHECK(_st == CUSPARSE_STATUS_SUCCESS, "esparse: ", #expr, " failed: ",                 \
+                cusparseLtGetErrorString(_st));                                                   \
+  } while (0)
+
+#define ESPARSE_CHECK_CUBLAS(expr)                                                                \
+  do {                                                                                            \
+    cublasStatus_t _st = (expr);                                                                  \
+    TORCH_CHECK(_st == CUBLAS_STATUS_SUCCESS, "esparse: ", #expr, " failed with status ",         \
+                static_cast<int>(_st));                                                           \
+  } while (0)
+
+namespace esparse {
+
+// Epilogues applied inside the GEMM (OPT's fc1 uses ReLU).
+enum Activation : int64_t { kNone = 0, kRelu = 1, kGelu = 2 };
+
+inline cudaDataType cuda_dtype(at::ScalarType t) {
+  TORCH_CHECK(t == at::kHalf || t == at::kBFloat16,
+              "esparse: sparse/dense linears take float16 or bfloat16 tensors, got ", t);
+  return t == at::kHalf ? CUDA_R_16F : CUDA_R_16BF;
+}
+
+// Rows of the activation are padded to a multiple of this (cuSPARSELt needs 16-aligned dims).
+constexpr int64_t kRowAlign = 16;
+inline int64_t pad_rows(int64_t m) { return (m + kRowAlign - 1) / kRowAlign * kRowAlign; }
+// Algorithm-search bucket of a padded row count: the next power of two (>= 16).
+inline int64_t search_bucket(int64_t m_pad) {
+  int64_t b = kRowAlign;
+  while (b < m_pad) b <<= 1;
+  return b;
+}
+
+void check_sm80();
+
+}  // namespace esparse

@@ -1,0 +1,206 @@
+"""``esparse bench``: dense and sparse decoders side by side in one process.
+
+Measures, per backend: prefill latency of one prompt of --prompt-len tokens, decode tokens/s at each batch
+size (decode steps replayed from CUDA graphs unless --no-cuda-graph), weight bytes on the device, and peak
+GPU memory. Prints a table with sparse/dense ratios, writes bench.json and bench.png under --out.
+Timing: CUDA events (perf_counter with a sync on the CPU), warm-up first, median of repeats.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from esparse.converter.errors import EsparseError
+from esparse.converter.ft_format import FTConfig, linear_specs, replicated_specs
+from esparse.converter.ft_loader import FTWeights, load_ft
+
+from esparse.report import environment, format_table
+
+from .generate import GraphDecodeStep
+from .model import Decoder, weight_bytes
+
+log = logging.getLogger(__name__)
+
+SHAPES = {
+    "llama-7b": dict(arch="llama", hidden=4096, n_heads=32, n_kv=32, head_dim=128, inter=11008, n_layers=32,
+                     vocab=32000, max_pos=4096, eps=1e-6),
+    "llama-13b": dict(arch="llama", hidden=5120, n_heads=40, n_kv=40, head_dim=128, inter=13824, n_layers=40,
+                      vocab=32000, max_pos=4096, eps=1e-6),
+    "opt-6.7b": dict(arch="opt", hidden=4096, n_heads=32, n_kv=32, head_dim=128, inter=16384, n_layers=32,
+                     vocab=50272, max_pos=2048, eps=1e-5),
+}
+
+
+def random_weights(shape: str, device, dtype=torch.float16, layers: int | None = None) -> FTWeights:
+    """Random 2:4 weights of a named model shape, made directly on ``device`` (no download)."""
+    spec = dict(SHAPES[shape])
+    if layers:
+        spec["n_layers"] = layers
+    cfg = FTConfig(**spec, dtype={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32"),
+                   sparsity="2:4", method="random")
+    g = torch.Generator(device=device).manual_seed(0)
+    w = FTWeights(cfg)
+    for name, (shp, _) in replicated_specs(cfg).items():
+        t = torch.randn(shp, device=device, dtype=dtype, generator=g) * 0.02
+        w.tensors[name] = torch.ones_like(t) if "layernorm.weight" in name else t
+    for i in range(cfg.n_layers):
+        for s in linear_specs(cfg, i):
+            x = torch.randn(s.n, s.k, device=device, dtype=dtype, generator=g) * (s.k ** -0.5)
+            keep = x.view(s.n, -1, 4).abs().topk(2, -1).indices
+            mask = torch.zeros_like(x.view(s.n, -1, 4), dtype=torch.bool).scatter_(-1, keep, True)
+            w.linears[s.name] = (x.view(s.n, -1, 4) * mask).view(s.n, s.k)
+            if s.bias:
+                w.biases[s.name[:-6] + "bias"] = torch.zeros(s.n, device=device, dtype=dtype)
+                w.tensors[s.name[:-6] + "bias"] = torch.zeros(s.n if s.parallel == "col" else spec["hidden"],
+                                                             device=device, dtype=dtype)
+    return w
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, dev, repeats: int) -> float:
+    """Median seconds of ``fn`` over repeats (after one warm-up)."""
+    fn()
+    out = []
+    for _ in range(repeats):
+        _sync(dev)
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def _decode_tok_s(model: Decoder, batch: int, ctx: int, steps: int, graphs: bool) -> float:
+    """Tokens/s of ``steps`` decode steps after a ``ctx``-token prompt, at one batch size."""
+    dev, vocab = model.device, model.cfg.vocab
+    cache = model.new_cache(batch, ctx + steps + 1)
+    model(torch.randint(0, vocab, (batch, ctx), device=dev), cache, 0)
+    tok = torch.randint(0, vocab, (batch, 1), device=dev)
+    if graphs and dev.type == "cuda":
+        step = GraphDecodeStep(model, cache)
+        run = lambda: [step(tok, ctx + j) for j in range(steps)]
+    else:
+        run = lambda: [model(tok, cache, torch.tensor([ctx + j], device=dev), attend=ctx + j + 1) for j in range(steps)]
+    return batch * steps / _time(run, dev, 3)
+
+
+@torch.no_grad()
+def measure(model: Decoder, prompt_len: int, batches: list[int], steps: int, graphs: bool) -> dict:
+    dev = model.device
+    res: dict = {"weight_bytes": weight_bytes(model)}
+    vocab = model.cfg.vocab
+    ids = torch.randint(0, vocab, (1, prompt_len), device=dev)
+    cache = model.new_cache(1, prompt_len)
+    res["prefill_s"] = _time(lambda: model(ids, cache, 0), dev, 5)
+    res["decode_tok_s"] = {b: _decode_tok_s(model, b, 128, steps, graphs) for b in batches}
+    if dev.type == "cuda":
+        res["peak_bytes"] = torch.cuda.max_memory_allocated()
+    return res
+
+
+def run_bench(args) -> dict:
+    """The CLI entry: pick the source (folder or --shape), run every backend, report."""
+    if (args.model is None) == (args.shape is None):
+        raise EsparseError("give an exported folder or --shape NAME (not both)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if device.type == "cpu" and set(backends) - {"torch"}:
+        raise EsparseError("no CUDA GPU: the dense/sparse plugin backends need one; use --backends torch for a "
+                           "CPU smoke run")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    batches = [int(b) for b in args.batches.split(",")]
+    source = random_weights(args.shape, device, dtype, args.layers) if args.shape else Path(args.model)
+    results = bench_models(source, backends, device, dtype, args.prompt_len, batches, args.decode_steps,
+                           not args.no_cuda_graph)
+    meta = {**environment(), "model": args.shape or str(args.model), "prompt_len": args.prompt_len,
+            "decode_steps": args.decode_steps, "layers": args.layers, "dtype": str(dtype)}
+    text = write_outputs(results, batches, meta, args.out)
+    print(f"{meta['model']} on {meta['device']} ({meta['dtype']}), prompt {args.prompt_len}, "
+          f"{args.decode_steps} decode steps")
+    print(text)
+    print(f"wrote {args.out}/bench.json and bench.png")
+    return results
+
+
+def _table(results: dict[str, dict], batches: list[int]) -> tuple[list[str], list[list]]:
+    names = list(results)
+    header = ["metric", *names] + (["sparse/dense"] if {"sparse", "dense"} <= set(names) else [])
+    rows = []
+
+    def row(label, get, higher_better):
+        vals = [get(results[n]) for n in names]
+        r = [label, *vals]
+        if len(header) > len(names) + 1:
+            d, s = get(results["dense"]), get(results["sparse"])
+            r.append(f"{(s / d if higher_better else d / s):.3f}x speedup" if higher_better is not None
+                     else f"{s / d:.3f}x")
+        rows.append(r)
+
+    row("prefill ms", lambda r: r["prefill_s"] * 1e3, False)
+    for b in batches:
+        row(f"decode tok/s b={b}", lambda r, b=b: r["decode_tok_s"][b], True)
+    row("weights GiB", lambda r: r["weight_bytes"] / 2**30, None)
+    if all("peak_bytes" in r for r in results.values()):
+        row("peak GiB", lambda r: r["peak_bytes"] / 2**30, None)
+    return header, rows
+
+
+def bench_models(source: FTWeights | Path, backends: list[str], device, dtype, prompt_len: int, batches: list[int],
+                 steps: int, graphs: bool) -> dict[str, dict]:
+    results = {}
+    for be in backends:
+        w = source if isinstance(source, FTWeights) else load_ft(source)
+        if be == "sparse" and w.cfg.nm != (2, 4):
+            raise EsparseError("the sparse backend needs a 2:4 folder")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        model = Decoder(w, device, dtype, be).eval()
+        log.info("benchmarking %s", be)
+        results[be] = measure(model, prompt_len, batches, steps, graphs)
+        del model
+    return results
+
+
+def write_outputs(results: dict, batches: list[int], meta: dict, out: Path) -> str:
+    header, rows = _table(results, batches)
+    text = format_table(header, rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+        for be, r in results.items():
+            ax[0].plot(batches, [r["decode_tok_s"][b] for b in batches], marker="o", label=be)
+        ax[0].set_xscale("log", base=2)
+        ax[0].set_xlabel("batch")
+        ax[0].set_ylabel("decode tokens/s")
+        ax[0].legend()
+        ax[1].bar(list(results), [r["prefill_s"] * 1e3 for r in results.values()])
+        ax[1].set_ylabel(f"prefill ms ({meta.get('prompt_len')} tokens)")
+        fig.suptitle(f"{meta.get('model')} on {meta.get('device')}")
+        fig.tight_layout()
+        fig.savefig(out / "bench.png", dpi=110)
+    except ImportError:
+        log.warning("matplotlib missing: no plot (pip install 'esparse[plot]')")
+    return text
