@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 import torch
+
+from esparse.assets import real_assets, smollm2_hf_dir
 from esparse.converter.model_io import load_model, load_tokenizer
 from esparse.converter.ppl import perplexity
 from esparse.converter.prune import PruneConfig, prune_model
 from esparse.converter.scores import MetricConfig
 from esparse.converter.text import calibration_windows, eval_windows, read_documents
-
-from esparse.assets import real_assets, smollm2_hf_dir
 from esparse.report import environment, format_table, write_json
 
 ES = dict(gns="serpentine", lbs=True)

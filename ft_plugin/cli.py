@@ -15,6 +15,7 @@ def add_commands(sub) -> None:
 
 def cmd_tune(args) -> None:
     import torch
+
     from esparse.converter.errors import EsparseError
     from esparse.converter.ft_loader import load_ft
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import torch
+
 from esparse.converter.errors import EsparseError
 
 from . import build_info

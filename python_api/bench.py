@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import torch
+
 from esparse.converter.errors import EsparseError
 from esparse.converter.ft_format import FTConfig, linear_specs, replicated_specs
 from esparse.converter.ft_loader import FTWeights, load_ft
-
 from esparse.report import environment, format_table
 
 from .generate import GraphDecodeStep

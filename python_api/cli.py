@@ -49,6 +49,7 @@ def _ft_folder(model: Path, tmp: Path) -> Path:
 
 def cmd_generate(args) -> None:
     import torch
+
     from esparse.converter.model_io import DTYPES as TORCH_DTYPES
     from esparse.converter.model_io import load_tokenizer
     from esparse.converter.pipeline import resolve_device

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from esparse.converter.errors import EsparseError
 from esparse.converter.ft_format import FTConfig, linear_specs, perm_names
 from esparse.converter.ft_loader import FTWeights, load_ft
-from torch import nn
 
 from .linear import make_linear
 

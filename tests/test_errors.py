@@ -6,11 +6,12 @@ import shutil
 
 import pytest
 import torch
-from esparse.converter.ppl import perplexity
-from esparse.converter.text import calibration_windows, eval_windows, read_documents
-from helpers import make_model, save_model
 
 from esparse.cli import main
+from esparse.converter.ppl import perplexity
+from esparse.converter.text import calibration_windows, eval_windows, read_documents
+
+from helpers import make_model, save_model
 
 
 def _prune(model, calib, out, *extra):

@@ -4,6 +4,8 @@ import os
 
 import pytest
 import torch
+
+from esparse.cli import main
 from esparse.converter.arch import decoder_base, head_shape
 from esparse.converter.errors import EsparseError
 from esparse.converter.ft_format import linear_specs
@@ -12,8 +14,6 @@ from esparse.converter.masks import nm_mask
 from esparse.converter.nm_pack import PackedNM, pack_nm, unpack_nm
 from esparse.converter.pipeline import read_prune_meta
 from esparse.converter.serving import serving_layer
-
-from esparse.cli import main
 
 
 def _reference_pack(w, n, m):

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from esparse.converter.errors import EsparseError
 from esparse.converter.masks import is_nm_sparse, kept_score, nm_mask, parse_pattern
 from esparse.converter.scores import MetricConfig, channel_factor, importance

@@ -4,17 +4,18 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from esparse.cli import main
 from esparse.converter.arch import decoder_base, groups_of, head_shape
 from esparse.converter.masks import is_nm_sparse, nm_mask
 from esparse.converter.prune import PruneConfig, prune_model
 from esparse.converter.scores import MetricConfig
 from esparse.converter.serving import linears_of, serving_layer
 from esparse.converter.stats import ChannelStats
-from helpers import make_model, make_tokenizer
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
-from esparse.cli import main
+from helpers import make_model, make_tokenizer
 
 
 def _calib(n=4, t=32, seed=0):

@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from esparse.converter.errors import EsparseError
-from esparse.python_api import load_decoder
-from esparse.python_api.generate import generate, sample
-from helpers import save_model
 from transformers import AutoModelForCausalLM
 
 from esparse.cli import main
+from esparse.converter.errors import EsparseError
+from esparse.python_api import load_decoder
+from esparse.python_api.generate import generate, sample
+
+from helpers import save_model
 
 
 @pytest.fixture(scope="module", params=["llama", "opt"])

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+
 from esparse.converter.masks import kept_score
 from esparse.converter.shuffle import (
     _rep_rows,

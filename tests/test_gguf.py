@@ -1,0 +1,76 @@
+"""GGUF input: a tiny random LLaMA written as GGUF reads back to the same logits."""
+
+import pytest
+import torch
+
+from esparse.cli import main
+from esparse.converter.errors import EsparseError
+from esparse.converter.model_io import load_model
+
+from gguf_writer import write_llama_gguf
+from helpers import make_model
+
+pytest.importorskip("gguf")
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    model, tok = make_model("llama")
+    path = write_llama_gguf(model, tok, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    return model, tok, path
+
+
+def test_gguf_reads_to_same_logits(gguf_file):
+    ref_model, _, path = gguf_file
+    model = load_model(path, dtype=torch.float32)
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = ref_model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_convert_gguf_writes_a_hf_folder(gguf_file, tmp_path):
+    ref_model, _, path = gguf_file
+    out = tmp_path / "hf"
+    assert main(["convert-gguf", str(path), "--out", str(out)]) == 0
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    model = load_model(out, dtype=torch.float32)
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got = ref_model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-3  # saved in fp16
+
+
+def test_prune_and_export_take_gguf(gguf_file, tmp_path, calib_file):
+    _, _, path = gguf_file
+    out = tmp_path / "pruned"
+    assert main(["prune", str(path), "--calib", str(calib_file), "--out", str(out), "--nsamples", "2",
+                 "--seqlen", "16", "--device", "cpu"]) == 0
+    assert main(["export", str(path), "--out", str(tmp_path / "ft")]) == 0
+    assert (tmp_path / "ft" / "1-gpu" / "config.ini").is_file()
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gemma3")
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(EsparseError, match="unsupported GGUF architecture 'gemma3'"):
+        load_model(tmp_path / "g.gguf")
+
+
+def test_missing_extra_is_named(monkeypatch, tmp_path):
+    import importlib.util
+
+    from esparse.converter import gguf_io
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(EsparseError, match=r"esparse\[gguf\]"):
+        gguf_io.gguf_architecture(tmp_path / "m.gguf")
