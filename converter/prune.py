@@ -78,6 +78,7 @@ def capture_layer0_inputs(model: nn.Module, calib: torch.Tensor, device, batch_s
     """Run the embeddings on ``calib`` [n, T] and return [(hidden [b, T, H], layer kwargs)] per batch."""
     base = decoder_base(model)
     layers = base.layers
+    home = next(base.parameters()).device
     for mod in base.children():
         if mod is not layers:
             mod.to(device)
@@ -93,7 +94,7 @@ def capture_layer0_inputs(model: nn.Module, calib: torch.Tensor, device, batch_s
         layers[0] = catcher.inner
         for mod in base.children():
             if mod is not layers:
-                mod.to("cpu")
+                mod.to(home)
     return catcher.captured
 
 
@@ -169,6 +170,7 @@ def prune_model(
     result = PruneResult({}, [], seconds)
     bar = tqdm(range(len(layers)), desc="prune", unit="layer")
     for i in bar:
+        home = next(layers[i].parameters()).device  # layers return where they were (CPU offload or not)
         layer = layers[i].to(device)
         stats: dict[str, ChannelStats] = {}
         if cfg.metric.needs_stats:
@@ -203,7 +205,7 @@ def prune_model(
         new = _run_layer(layer, batches)
         batches = [(h, kw) for h, (_, kw) in zip(new, batches, strict=False)]
         seconds["forward"] += time.perf_counter() - t
-        layers[i] = layer.to("cpu")
+        layers[i] = layer.to(home)
         result.layers.append(report)
     if device.type == "cuda":
         torch.cuda.empty_cache()

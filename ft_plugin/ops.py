@@ -24,6 +24,7 @@ if not _info.built:
     raise EsparseError(f"esparse ft_plugin is unavailable: {_info.reason}")
 torch.ops.load_library(str(_info.path))
 _cache = AlgoCache()
+SEARCHES = 0  # cusparseLtMatmulSearch runs in this process (tests check that a warm cache runs none)
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -49,6 +50,8 @@ class SparseWeight:
         key = (self.gpu, self.dtype, bucket, self.n, self.k)
         found = _cache.get(key)
         if found is None:
+            global SEARCHES
+            SEARCHES += 1
             alg, split = self.obj.search(bucket)
             _cache.put(key, alg, split)
             log.debug("searched %s: alg %d split-k %d", key, alg, split)

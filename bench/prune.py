@@ -1,0 +1,83 @@
+"""Pruning speed: E-Sparse (stats, GNS + LBS, masks) on a random model of a named shape, timed per stage.
+
+    python bench/prune.py --shape llama-7b [--nsamples 128 --seqlen 2048] [--method esparse]
+
+The model is built with random weights directly on the GPU (no download); calibration tokens are random ids
+(the time does not depend on the text). Prints a table, writes prune.json and prune.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from esparse.converter.prune import PruneConfig, prune_model
+from esparse.converter.scores import MetricConfig
+from esparse.report import environment, format_table, write_json
+
+SHAPES = {
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                      num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=SHAPES, default="llama-7b")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
+    ap.add_argument("--method", choices=("esparse", "wanda", "magnitude"), default="esparse")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=Path("results/prune"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = dict(SHAPES[args.shape])
+    if args.layers:
+        spec["num_hidden_layers"] = args.layers
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    with torch.device(args.device):
+        model = LlamaForCausalLM(LlamaConfig(**spec, use_cache=False)).to(dtype).eval()
+    build_s = time.perf_counter() - t0
+    calib = torch.randint(0, spec["vocab_size"], (args.nsamples, args.seqlen),
+                          generator=torch.Generator().manual_seed(0))
+    es = args.method == "esparse"
+    cfg = PruneConfig(2, 4, MetricConfig(args.method), gns="serpentine" if es else None, lbs=es)
+    t0 = time.perf_counter()
+    res = prune_model(model, calib, cfg, args.device)
+    total = time.perf_counter() - t0
+    rows = [[k, v] for k, v in res.stage_seconds.items()] + [["total", total]]
+    env = environment()
+    print(f"{args.shape} ({spec['num_hidden_layers']} layers), {args.method} 2:4, {args.nsamples} x {args.seqlen} "
+          f"calibration tokens on {env['device']} (model built in {build_s:.1f} s)")
+    print(format_table(["stage", "seconds"], rows))
+    write_json(args.out / "prune.json", {"env": env, "shape": args.shape, "layers": spec["num_hidden_layers"],
+                                         "method": args.method, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                                         "stage_seconds": res.stage_seconds, "total_seconds": total})
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.barh(list(res.stage_seconds), list(res.stage_seconds.values()))
+    ax.set_xlabel("seconds")
+    ax.set_title(f"{args.method} 2:4 pruning of {args.shape}: {total:.0f} s on {env['device']}")
+    fig.tight_layout()
+    fig.savefig(args.out / "prune.png", dpi=110)
+    print(f"wrote {args.out}/prune.json and prune.png")
+
+
+if __name__ == "__main__":
+    main()
