@@ -175,3 +175,17 @@ def test_bad_folders_give_clear_errors(tmp_path, calib_file, capsys):
     assert not (tmp_path / "tp4").exists()
     # a dense weight given to the compressed writer
     assert main(["export", str(src), "--out", str(tmp_path / "x"), "--overwrite"]) == 0
+
+
+def test_llama7b_folder_size_ratio():
+    """Bytes of a LLaMA-7B-shaped folder, from the same size table the writer and the loader check."""
+    from esparse.converter.ft_format import FTConfig, expected_files
+
+    base = dict(arch="llama", hidden=4096, n_heads=32, n_kv=32, head_dim=128, inter=11008, n_layers=32,
+                vocab=32000, max_pos=4096, eps=1e-6, dtype="fp16")
+    dense = sum(expected_files(FTConfig(**base)).values())
+    sparse = sum(expected_files(FTConfig(**base, sparsity="2:4", method="esparse",
+                                         permuted=("attn_in", "attn_out", "mlp_in", "mlp_out"))).values())
+    ratio = sparse / dense
+    print(f"\nLLaMA-7B fp16 folder: dense {dense / 2**30:.3f} GiB, 2:4 {sparse / 2**30:.3f} GiB, {ratio:.4f}x")
+    assert ratio <= 0.58
