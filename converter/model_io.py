@@ -107,7 +107,8 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    check_model_path(path)
+    if not path.exists():
+        raise EsparseError(f"{path} does not exist")
     if is_gguf(path):
         from .gguf_io import require_gguf
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from .arch import decoder_base, get_linear, groups_of
 from .errors import EsparseError
 from .fsutil import atomic_output_dir, check_output_dir
-from .model_io import is_gguf, load_model, load_tokenizer, save_hf_folder
+from .model_io import check_model_path, is_gguf, load_model, load_tokenizer, save_hf_folder
 from .prune import PruneConfig, PruneResult, prune_model, summary_table
 from .text import calibration_windows, read_documents
 
@@ -74,6 +74,7 @@ def prune_checkpoint(
 ) -> PruneResult:
     """Load, calibrate, prune and write ``out`` atomically. Returns the per-layer report."""
     check_output_dir(Path(out), overwrite)
+    check_model_path(Path(model_path))
     dev = resolve_device(device)
     docs = read_documents(calib_path)
     tokenizer = load_tokenizer(model_path)

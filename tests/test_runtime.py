@@ -83,3 +83,40 @@ def test_sparse_path_refused_on_cpu(exported):
     _, ft_dir = exported["pruned"]
     with pytest.raises(EsparseError, match="CUDA"):
         load_decoder(ft_dir, device="cpu", dtype=torch.float32, sparse=True)
+
+
+def test_generate_cli_on_export_and_on_hf_folder(exported, capsys):
+    hf_dir, ft_dir = exported["pruned"]
+    for target in (ft_dir, hf_dir):
+        assert main(["generate", str(target), "--prompt", "the quick brown", "--prompt", "sparse",
+                     "--max-new-tokens", "5", "--device", "cpu"]) == 0
+        out = capsys.readouterr().out
+        assert out.count("-" * 40) == 2 and "the quick brown" in out
+
+
+def test_bench_cli_smoke_on_cpu(exported, tmp_path, capsys):
+    import json
+
+    _, ft_dir = exported["pruned"]
+    assert main(["bench", str(ft_dir), "--backends", "torch", "--batches", "1,2", "--prompt-len", "16",
+                 "--decode-steps", "3", "--out", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "decode tok/s b=2" in out and "prefill ms" in out
+    data = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert data["results"]["torch"]["decode_tok_s"]["1"] > 0
+    assert (tmp_path / "b" / "bench.png").is_file()
+    assert main(["bench", str(ft_dir), "--backends", "dense,sparse", "--out", str(tmp_path / "c")]) == 2
+    assert "CUDA" in capsys.readouterr().err
+
+
+def test_random_shape_weights_are_24_and_complete(monkeypatch):
+    from esparse.converter.masks import is_nm_sparse
+    from esparse.python_api import bench
+
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(arch="llama", hidden=64, n_heads=4, n_kv=2, head_dim=16,
+                                                   inter=128, n_layers=2, vocab=100, max_pos=64, eps=1e-6))
+    w = bench.random_weights("tiny", "cpu", torch.float32)
+    assert all(is_nm_sparse(t, 2, 4) for t in w.linears.values())
+    model = bench.Decoder(w, "cpu", torch.float32, "torch")
+    res = bench.measure(model, 8, [1, 2], 2, graphs=False)
+    assert res["prefill_s"] > 0 and set(res["decode_tok_s"]) == {1, 2}
