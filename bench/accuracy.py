@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--wikitext", type=Path, required=True, help="path of wikitext-2 wiki.test.raw")
     ap.add_argument("--quick", action="store_true", help="small calibration and evaluation (CPU)")
     ap.add_argument("--variants", default="main,ablation", help="main, ablation, entropy, shuffle or all")
+    ap.add_argument("--only", default=None, help="comma list of variant names to run (after --variants)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cache", default=None, help="asset cache (default $ESPARSE_CACHE or ~/.cache/esparse)")
     ap.add_argument("--nsamples", type=int, default=None)
@@ -116,7 +117,10 @@ def main() -> None:
         "wikitext2-test": eval_windows(tok, read_documents(args.wikitext), seqlen, max_windows),
     }
     results = []
-    for name, cfg in variants(args.variants).items():
+    chosen = variants(args.variants)
+    if args.only:
+        chosen = {k: v for k, v in chosen.items() if k in set(args.only.split(","))}
+    for name, cfg in chosen.items():
         model.load_state_dict(dense_state)
         t0 = time.perf_counter()
         if cfg is not None:
