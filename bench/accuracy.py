@@ -43,13 +43,15 @@ def variants(group: str) -> dict[str, PruneConfig | None]:
         "esparse 4:8": PruneConfig(4, 8, MetricConfig("esparse"), **ES),
     }
     ablation = {
+        "esparse 2:4 no entropy (Wanda+GNS+LBS)": PruneConfig(2, 4, MetricConfig("esparse", alpha=0.0), **ES),
         "esparse 2:4 no GNS": PruneConfig(2, 4, MetricConfig("esparse"), gns=None, lbs=True),
         "esparse 2:4 no LBS": PruneConfig(2, 4, MetricConfig("esparse"), gns="serpentine", lbs=False),
         "esparse 2:4 no shuffle": PruneConfig(2, 4, MetricConfig("esparse"), **NO),
     }
     entropy = {}
-    for est, combine, alpha in [("hist", "add", 0.25), ("hist_layer", "add", 0.25), ("energy", "add", 0.25),
-                                ("energy", "add", 1.0), ("energy", "mul", 1.0), ("hist", "mul", 1.0)]:
+    for est, combine, alpha in [("hist", "add", 0.25), ("hist_layer", "add", 0.25), ("energy", "add", 0.1),
+                                ("energy", "add", 0.25), ("energy", "add", 0.5), ("energy", "add", 1.0),
+                                ("energy", "mul", 1.0), ("hist", "mul", 1.0)]:
         entropy[f"esparse 2:4 H={est} {combine} a={alpha}"] = PruneConfig(
             2, 4, MetricConfig("esparse", alpha, est, combine), **ES)
     shuffle = {

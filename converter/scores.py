@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .defaults import ESPARSE_DEFAULTS
 from .stats import ChannelStats
 
 METHODS = ("magnitude", "wanda", "esparse")
@@ -18,10 +19,12 @@ METHODS = ("magnitude", "wanda", "esparse")
 
 @dataclass(frozen=True)
 class MetricConfig:
+    """Defaults are E-Sparse's as chosen in docs/method.md (converter/defaults.py)."""
+
     method: str = "esparse"
-    alpha: float = 0.0
-    estimator: str = "hist"  # hist | hist_layer | energy
-    combine: str = "add"  # add | mul
+    alpha: float = ESPARSE_DEFAULTS["alpha"]
+    estimator: str = ESPARSE_DEFAULTS["estimator"]  # hist | hist_layer | energy
+    combine: str = ESPARSE_DEFAULTS["combine"]  # add | mul
 
     @property
     def needs_stats(self) -> bool:
