@@ -21,8 +21,7 @@ from esparse.converter.ft_format import FTConfig, linear_specs, replicated_specs
 from esparse.converter.ft_loader import FTWeights, load_ft
 from esparse.report import environment, format_table
 
-from .generate import GraphDecodeStep
-from .model import Decoder, weight_bytes
+from .model import Decoder, GraphDecodeStep, weight_bytes
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """Text generation on the runtime: batched prompts (left padded), greedy or temperature/top-p sampling,
-decode steps optionally replayed from CUDA graphs captured once per batch size."""
+decode steps optionally replayed from CUDA graphs captured once per batch size (Decoder.graph_step)."""
 
 from __future__ import annotations
 
 import torch
 
-from .model import Decoder, KVCache
+from .model import Decoder
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -21,31 +21,6 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     return idx.gather(-1, choice)[:, 0]
 
 
-class GraphDecodeStep:
-    """One decode step captured in a CUDA graph for a fixed batch size and cache."""
-
-    def __init__(self, model: Decoder, cache: KVCache):
-        self.model, self.cache = model, cache
-        b = cache.k.shape[1]
-        self.ids = torch.zeros(b, 1, dtype=torch.long, device=model.device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=model.device)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph (plans, workspaces, autotuning)
-            for _ in range(2):
-                model(self.ids, cache, self.slot)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model(self.ids, cache, self.slot)
-
-    def __call__(self, ids: torch.Tensor, slot: int) -> torch.Tensor:
-        self.ids.copy_(ids)
-        self.slot.fill_(slot)
-        self.graph.replay()
-        return self.logits
-
-
 @torch.no_grad()
 def generate(model: Decoder, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0, seed: int = 0,
@@ -57,11 +32,14 @@ def generate(model: Decoder, prompts: list[list[int]], max_new_tokens: int, temp
     ids = torch.full((b, t), pad_id, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, t - len(p):] = torch.tensor(p)
-    cache = model.new_cache(b, t + max_new_tokens)
+    use_graph = cuda_graph and dev.type == "cuda"
+    if use_graph:  # graphs and their caches are kept per (batch, length bucket) and reused across calls
+        cache, step = model.graph_step(b, t + max_new_tokens)
+    else:
+        cache, step = model.new_cache(b, t + max_new_tokens), None
     cache.pad.copy_(torch.tensor([t - len(p) for p in prompts]))
     gen = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None
     logits = model(ids.to(dev), cache, 0, attend=t)[:, -1]
-    step = GraphDecodeStep(model, cache) if cuda_graph and dev.type == "cuda" else None
     out = torch.empty(b, max_new_tokens, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     for j in range(max_new_tokens):

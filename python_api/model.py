@@ -143,6 +143,7 @@ class Decoder(nn.Module):
         super().__init__()
         cfg = self.cfg = w.cfg
         self.backend, self.device, self.dtype = backend, torch.device(device), dtype
+        self._graphs: dict[tuple[int, int], tuple[KVCache, GraphDecodeStep]] = {}
         t = lambda x: x.to(device=device, dtype=dtype)
         self.register_buffer("wte", t(w.tensors["model.wte.weight" if cfg.arch == "llama" else "model.wte"]))
         self.register_buffer("wpe", t(w.tensors["model.wpe"]) if cfg.arch == "opt" else None)
@@ -154,6 +155,16 @@ class Decoder(nn.Module):
         if cfg.arch == "llama":
             inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
             self.register_buffer("inv_freq", inv.to(device))
+
+    def graph_step(self, batch: int, max_len: int) -> tuple[KVCache, GraphDecodeStep]:
+        """A decode step captured in a CUDA graph for ``batch`` sequences, with its own cache of at least
+        ``max_len`` slots (rounded up to 256 so later calls reuse it)."""
+        max_len = min(self.cfg.max_pos, -(-max_len // 256) * 256) if max_len <= self.cfg.max_pos else max_len
+        key = (batch, max_len)
+        if key not in self._graphs:
+            cache = self.new_cache(batch, max_len)
+            self._graphs[key] = (cache, GraphDecodeStep(self, cache))
+        return self._graphs[key]
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         if max_len > self.cfg.max_pos:
@@ -198,6 +209,31 @@ class Decoder(nn.Module):
         if not all_logits:
             x = x[:, -1:]
         return F.linear(self.final_norm(x), self.lm_head).float()
+
+
+class GraphDecodeStep:
+    """One decode step captured in a CUDA graph for a fixed batch size and cache."""
+
+    def __init__(self, model: Decoder, cache: KVCache):
+        self.model, self.cache = model, cache
+        b = cache.k.shape[1]
+        self.ids = torch.zeros(b, 1, dtype=torch.long, device=model.device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=model.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph (plans, workspaces, autotuning)
+            for _ in range(2):
+                model(self.ids, cache, self.slot)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.ids, cache, self.slot)
+
+    def __call__(self, ids: torch.Tensor, slot: int) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.slot.fill_(slot)
+        self.graph.replay()
+        return self.logits
 
 
 def default_backend(device: torch.device, sparse: bool) -> str:
