@@ -80,7 +80,8 @@ def prune_checkpoint(
     tokenizer = load_tokenizer(model_path)
     # on the CPU compute in fp32 (half matmuls are slow there); weights are saved in the source dtype
     model = load_model(model_path, dtype=torch.float32 if dev.type == "cpu" else None)
-    save_dtype = torch.float16 if is_gguf(Path(model_path)) else source_dtype(model)
+    from_gguf = is_gguf(Path(model_path))
+    save_dtype = torch.float16 if from_gguf else source_dtype(model)
     check_divisibility(model, cfg.m)
     max_pos = getattr(model.config, "max_position_embeddings", calib.seqlen)
     seqlen = min(calib.seqlen, max_pos)
@@ -111,8 +112,8 @@ def prune_checkpoint(
         "layers": result.layers,
     }
     with atomic_output_dir(Path(out), overwrite) as tmp:
-        save_hf_folder(model.to(save_dtype), None if is_gguf(Path(model_path)) else Path(model_path), tmp,
-                       tokenizer=tokenizer if is_gguf(Path(model_path)) else None)
+        save_hf_folder(model.to(save_dtype), None if from_gguf else Path(model_path), tmp,
+                       tokenizer=tokenizer if from_gguf else None)
         save_file({k: v.contiguous() for k, v in result.perms.items()}, str(tmp / PERMS_FILE))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return result

@@ -159,7 +159,7 @@ class Decoder(nn.Module):
     def graph_step(self, batch: int, max_len: int) -> tuple[KVCache, GraphDecodeStep]:
         """A decode step captured in a CUDA graph for ``batch`` sequences, with its own cache of at least
         ``max_len`` slots (rounded up to 256 so later calls reuse it)."""
-        max_len = min(self.cfg.max_pos, -(-max_len // 256) * 256) if max_len <= self.cfg.max_pos else max_len
+        max_len = max(max_len, min(self.cfg.max_pos, -(-max_len // 256) * 256))
         key = (batch, max_len)
         if key not in self._graphs:
             cache = self.new_cache(batch, max_len)
