@@ -1,7 +1,10 @@
-"""``esparse tune``: pre-search the cuSPARSELt algorithm of every linear shape of a model."""
+"""Plugin commands: ``esparse tune`` (pre-search algorithms), ``esparse env`` (what a bug report needs),
+``esparse install-cusparselt`` (the tuned-capable cuSPARSELt into esparse's private folder)."""
 
 from __future__ import annotations
 
+import ctypes
+import platform
 from pathlib import Path
 
 
@@ -11,6 +14,11 @@ def add_commands(sub) -> None:
     p.add_argument("--m", default="1,8,16,32,64,128,256,512,1024,2048,4096", help="token counts to tune")
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
     p.set_defaults(func=cmd_tune)
+    p = sub.add_parser("env", help="GPU, driver, torch, cuSPARSELt and plugin as this process sees them")
+    p.set_defaults(func=cmd_env)
+    p = sub.add_parser("install-cusparselt", help="pip-install cuSPARSELt 0.10 privately (tuned sparse GEMMs)")
+    p.add_argument("--target", type=Path, default=None, help="folder (default: esparse's data folder)")
+    p.set_defaults(func=cmd_install_cusparselt)
 
 
 def cmd_tune(args) -> None:
@@ -23,11 +31,19 @@ def cmd_tune(args) -> None:
         raise EsparseError("esparse tune needs a CUDA GPU with sparse tensor cores (sm_80 or newer)")
     from esparse.ft_plugin import ops
 
+    if not ops.CUSPARSELT.tuned:
+        raise EsparseError(f"cuSPARSELt {ops.CUSPARSELT.version_str} runs its default algorithm only; nothing to "
+                           f"tune. For tuned algorithms: {ops.cusparselt.install_command()}")
     w = load_ft(args.model)
     if w.cfg.nm != (2, 4):
         raise EsparseError(f"{args.model} is {w.cfg.sparsity or 'dense'}: tuning is for 2:4 models")
     dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
-    ms = [int(v) for v in args.m.split(",")]
+    try:
+        ms = [int(v) for v in args.m.split(",")]
+    except ValueError:
+        raise EsparseError(f"--m takes comma-separated token counts, got {args.m!r}") from None
+    if not ms or min(ms) < 1:
+        raise EsparseError(f"--m token counts must be >= 1, got {args.m!r}")
     shapes: dict[tuple[int, int], torch.Tensor] = {}
     layer0 = [n for n in w.linears if n.startswith("model.layers.0.")]
     for name in layer0:
@@ -43,3 +59,59 @@ def cmd_tune(args) -> None:
             sw.ensure_algo(m)
         print(f"tuned N={n} K={k} for M in {ms}")
     print(f"algorithms cached in {ops._cache.path}")
+
+
+def _driver_version() -> str:
+    try:
+        v = ctypes.c_int(0)
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(v)) == 0:
+            return f"{v.value // 1000}.{v.value % 1000 // 10} (CUDA driver API)"
+    except OSError:
+        pass
+    return "unknown"
+
+
+def env_report() -> list[str]:
+    """Lines for a bug report; never raises for a missing GPU or plugin."""
+    import torch
+
+    import esparse
+    from esparse.ft_plugin import build_info, cusparselt
+
+    lines = [f"esparse {esparse.__version__}, python {platform.python_version()}, "
+             f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none: CPU build'})"]
+    if not torch.cuda.is_available():
+        lines.append("GPU: none visible to torch; the sparse path needs an sm_80+ NVIDIA GPU (CPU runs --dense)")
+        return lines
+    cc = torch.cuda.get_device_capability()
+    lines.append(f"GPU: {torch.cuda.get_device_name()} (sm_{cc[0]}{cc[1]}), driver {_driver_version()}")
+    info = build_info()
+    lines.append(f"plugin: {info.path or 'not built'} ({info.reason})")
+    if info.built:
+        try:
+            from esparse.ft_plugin import ops
+
+            c = ops.CUSPARSELT
+            design = "tuned: searched algorithms, cached per shape" if c.tuned else "safe: default algorithm"
+            lines.append(f"cuSPARSELt: {c.version_str} from {c.path} ({'private copy' if c.private else 'shared'}"
+                         f" with the process; {design})")
+            if not c.tuned:
+                lines.append(f"  for tuned algorithms: {cusparselt.install_command()}")
+            lines.append(f"algorithm cache: {ops._cache.path} ({len(ops._cache.rows)} rows)")
+        except Exception as e:  # a report is still wanted when loading fails
+            lines.append(f"plugin load failed: {e}")
+    own = cusparselt.loaded_in_process()
+    lines.append(f"torch's cuSPARSELt: {own or 'not loaded'}")
+    return lines
+
+
+def cmd_env(args) -> None:
+    print("\n".join(env_report()))
+
+
+def cmd_install_cusparselt(args) -> None:
+    from esparse.ft_plugin import cusparselt
+
+    lib = cusparselt.install(args.target)
+    print(f"installed {lib}; esparse finds it there" + ("" if args.target is None else
+                                                         f" with ESPARSE_CUSPARSELT={args.target}"))

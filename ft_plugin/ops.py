@@ -1,19 +1,21 @@
-"""The plugin's ops, with the per-shape algorithm cache wired in.
+"""The plugin's ops, with the cuSPARSELt choice and the per-shape algorithm cache wired in.
 
 ``SparseWeight(w)`` compresses a 2:4 weight [N, K] (checked on the GPU); ``sparse_linear(x, w, bias, act)``
-computes x W^T (+ bias, + act) on cuSPARSELt; ``dense_linear`` is its cuBLASLt twin. The first call of an
-M bucket looks the shape up in the cache file and only searches when it is not there.
+computes x W^T (+ bias, + act) on cuSPARSELt; ``dense_linear`` is its cuBLASLt twin. With a tuned-capable
+cuSPARSELt (0.10+), the first call of an M bucket looks the shape up in the cache file and searches only when
+it is not there; on 0.8.x every plan runs the default algorithm (see :mod:`esparse.ft_plugin.cusparselt`).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from esparse.converter.errors import EsparseError
 
-from . import build_info
+from . import build_info, cusparselt
 from .algo_cache import AlgoCache, gpu_key, search_bucket
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,34 @@ _info = build_info()
 if not _info.built:
     raise EsparseError(f"esparse ft_plugin is unavailable: {_info.reason}")
 torch.ops.load_library(str(_info.path))
+
+
+@dataclass(frozen=True)
+class CusparseLtInfo:
+    path: str
+    version: tuple[int, int, int]
+    private: bool  # loaded beside the process's own copy
+    tuned: bool  # searched algorithms in use (else cuSPARSELt's default on every plan)
+
+    @property
+    def version_str(self) -> str:
+        return ".".join(map(str, self.version))
+
+
+def _load_cusparselt() -> CusparseLtInfo:
+    try:
+        path, major, minor, patch, private, tuned = torch.ops.esparse.cusparselt_info(cusparselt.choose())
+    except RuntimeError as e:
+        raise EsparseError(str(e).splitlines()[0].removeprefix("esparse: ")) from None
+    info = CusparseLtInfo(path, (major, minor, patch), private, tuned)
+    if not tuned:
+        log.warning("cuSPARSELt %s (%s) cannot reuse searched algorithms across plans: sparse GEMMs run its "
+                    "default algorithm, correct but slower. For tuned algorithms: %s", info.version_str, path,
+                    cusparselt.install_command())
+    return info
+
+
+CUSPARSELT = _load_cusparselt()
 _cache = AlgoCache()
 SEARCHES = 0  # cusparseLtMatmulSearch runs in this process (tests check that a warm cache runs none)
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -33,30 +63,50 @@ class SparseWeight:
 
     def __init__(self, weight: torch.Tensor):
         if weight.dtype not in DTYPE_NAMES:
-            raise EsparseError(f"sparse weights are fp16 or bf16, got {weight.dtype}")
-        self.obj = torch.classes.esparse.SparseWeight(weight)
-        self.n, self.k = weight.shape
+            raise EsparseError(f"sparse weights are fp16 or bf16, got {weight.dtype}; cast the model (--dtype fp16)")
+        if weight.dim() != 2 or not weight.is_cuda:
+            raise EsparseError(f"a sparse weight is a 2-D CUDA tensor [N, K], got {tuple(weight.shape)} on "
+                               f"{weight.device}")
+        n, k = weight.shape
+        if n % 16 or k % 16:
+            raise EsparseError(f"sparse weight [{n}, {k}]: cuSPARSELt needs N and K multiples of 16; keep this "
+                               "layer dense")
+        major, _ = torch.cuda.get_device_capability(weight.device)
+        if major < 8:
+            raise EsparseError(f"{torch.cuda.get_device_name(weight.device)} (sm_{major}x) has no sparse tensor "
+                               "cores; use the dense path (--dense)")
+        try:
+            self.obj = torch.classes.esparse.SparseWeight(weight)
+        except RuntimeError as e:
+            if "not 2:4 sparse" in str(e):
+                raise EsparseError(f"weight [{n}, {k}] is not 2:4 sparse along its input dim; prune it "
+                                   "(esparse prune) or use the dense path") from None
+            raise
+        self.n, self.k = n, k
         self.dtype = DTYPE_NAMES[weight.dtype]
         self.gpu = gpu_key(torch.cuda.get_device_name(weight.device))
+        self.tuned = bool(self.obj.tuned())
         self.ready: set[int] = set()
 
     def nbytes(self) -> int:
         return int(self.obj.nbytes())
 
     def ensure_algo(self, m: int) -> None:
+        """Choose the algorithm of m's bucket once per process: from the cache file, else by searching."""
         bucket = search_bucket(m)
         if bucket in self.ready:
             return
-        key = (self.gpu, self.dtype, bucket, self.n, self.k)
-        found = _cache.get(key)
-        if found is None:
-            global SEARCHES
-            SEARCHES += 1
-            alg, split = self.obj.search(bucket)
-            _cache.put(key, alg, split)
-            log.debug("searched %s: alg %d split-k %d", key, alg, split)
-        else:
-            self.obj.set_algo(bucket, *found)
+        if self.tuned:
+            key = (self.gpu, CUSPARSELT.version_str, self.dtype, bucket, self.n, self.k)
+            found = _cache.get(key)
+            if found is None:
+                global SEARCHES
+                SEARCHES += 1
+                alg, split = self.obj.search(bucket)
+                _cache.put(key, alg, split)
+                log.debug("searched %s: alg %d split-k %d", key, alg, split)
+            else:
+                self.obj.set_algo(bucket, *found)
         self.ready.add(bucket)
 
 

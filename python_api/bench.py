@@ -8,10 +8,12 @@ Timing: CUDA events (perf_counter with a sync on the CPU), warm-up first, median
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import statistics
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -35,8 +37,31 @@ SHAPES = {
 }
 
 
+class RandomLinears(Mapping):
+    """Random 2:4 linears made on first access and never stored: a model built from them holds only what its
+    layers keep (the sparse path: the compressed copy), as loading layer by layer from a folder does."""
+
+    def __init__(self, cfg: FTConfig, device, dtype, seed: int = 0):
+        self.specs = {s.name: s for i in range(cfg.n_layers) for s in linear_specs(cfg, i)}
+        self.device, self.dtype, self.seed = device, dtype, seed
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        s = self.specs[name]
+        g = torch.Generator(device=self.device).manual_seed(self.seed + list(self.specs).index(name))
+        x = torch.randn(s.n, s.k, device=self.device, dtype=self.dtype, generator=g) * (s.k ** -0.5)
+        keep = x.view(s.n, -1, 4).abs().topk(2, -1).indices
+        mask = torch.zeros_like(x.view(s.n, -1, 4), dtype=torch.bool).scatter_(-1, keep, True)
+        return (x.view(s.n, -1, 4) * mask).view(s.n, s.k)
+
+    def __iter__(self):
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
 def random_weights(shape: str, device, dtype=torch.float16, layers: int | None = None) -> FTWeights:
-    """Random 2:4 weights of a named model shape, made directly on ``device`` (no download)."""
+    """Random 2:4 weights of a named model shape, made directly on ``device`` (no download), linears lazily."""
     spec = dict(SHAPES[shape])
     if layers:
         spec["n_layers"] = layers
@@ -47,12 +72,9 @@ def random_weights(shape: str, device, dtype=torch.float16, layers: int | None =
     for name, (shp, _) in replicated_specs(cfg).items():
         t = torch.randn(shp, device=device, dtype=dtype, generator=g) * 0.02
         w.tensors[name] = torch.ones_like(t) if "layernorm.weight" in name else t
+    w.linears = RandomLinears(cfg, device, dtype)  # type: ignore[assignment]
     for i in range(cfg.n_layers):
         for s in linear_specs(cfg, i):
-            x = torch.randn(s.n, s.k, device=device, dtype=dtype, generator=g) * (s.k ** -0.5)
-            keep = x.view(s.n, -1, 4).abs().topk(2, -1).indices
-            mask = torch.zeros_like(x.view(s.n, -1, 4), dtype=torch.bool).scatter_(-1, keep, True)
-            w.linears[s.name] = (x.view(s.n, -1, 4) * mask).view(s.n, s.k)
             if s.bias:
                 w.biases[s.name[:-6] + "bias"] = torch.zeros(s.n, device=device, dtype=dtype)
                 w.tensors[s.name[:-6] + "bias"] = torch.zeros(s.n if s.parallel == "col" else spec["hidden"],
@@ -168,7 +190,8 @@ def bench_models(source: FTWeights | Path, backends: list[str], device, dtype, p
         w = source if isinstance(source, FTWeights) else load_ft(source)
         if be == "sparse" and w.cfg.nm != (2, 4):
             raise EsparseError("the sparse backend needs a 2:4 folder")
-        if device.type == "cuda":
+        if device.type == "cuda":  # release the previous backend entirely before measuring this one
+            gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         model = Decoder(w, device, dtype, be).eval()

@@ -6,11 +6,13 @@
 #include <cublasLt.h>
 #include <cusparseLt.h>
 
+#include "cusparselt_api.h"
+
 #define ESPARSE_CHECK_CUSPARSE(expr)                                                              \
   do {                                                                                            \
     cusparseStatus_t _st = (expr);                                                                \
     TORCH_CHECK(_st == CUSPARSE_STATUS_SUCCESS, "esparse: ", #expr, " failed: ",                 \
-                cusparseLtGetErrorString(_st));                                                   \
+                ::esparse::cslt().cusparseLtGetErrorString(_st));                                                   \
   } while (0)
 
 #define ESPARSE_CHECK_CUBLAS(expr)                                                                \
@@ -31,7 +33,8 @@ inline cudaDataType cuda_dtype(at::ScalarType t) {
   return t == at::kHalf ? CUDA_R_16F : CUDA_R_16BF;
 }
 
-// Rows of the activation are padded to a multiple of this (cuSPARSELt needs 16-aligned dims).
+// Rows of the activation are padded to a multiple of this (cuSPARSELt needs 16-aligned dims). The Python
+// twin of these two rules is ft_plugin/algo_cache.py (pad_rows, search_bucket); tests pin both.
 constexpr int64_t kRowAlign = 16;
 inline int64_t pad_rows(int64_t m) { return (m + kRowAlign - 1) / kRowAlign * kRowAlign; }
 // Algorithm-search bucket of a padded row count: the next power of two (>= 16).

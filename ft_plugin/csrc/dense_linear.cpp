@@ -119,16 +119,18 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
       slot = std::move(p);
     }
     plan = slot.get();
+    // The descriptor is shared by every caller of this shape and cuBLASLt reads the bias pointer from it at
+    // launch, so setting it and launching stay under the lock.
+    if (bias_ptr != nullptr) {
+      ESPARSE_CHECK_CUBLAS(
+          cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr, sizeof(bias_ptr)));
+    }
+    float alpha = 1.0f, beta = 0.0f;
+    auto stream = c10::cuda::getCurrentCUDAStream().stream();
+    ESPARSE_CHECK_CUBLAS(cublasLtMatmul(handle, plan->op, &alpha, wc.data_ptr(), plan->a, x2.data_ptr(), plan->b,
+                                        &beta, y.data_ptr(), plan->c, y.data_ptr(), plan->c, &plan->algo,
+                                        workspace.data_ptr(), kWorkspaceBytes, stream));
   }
-  if (bias_ptr != nullptr) {  // the bias pointer is read at launch time; set it for this call
-    ESPARSE_CHECK_CUBLAS(
-        cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr, sizeof(bias_ptr)));
-  }
-  float alpha = 1.0f, beta = 0.0f;
-  auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  ESPARSE_CHECK_CUBLAS(cublasLtMatmul(handle, plan->op, &alpha, wc.data_ptr(), plan->a, x2.data_ptr(), plan->b, &beta,
-                                      y.data_ptr(), plan->c, y.data_ptr(), plan->c, &plan->algo,
-                                      workspace.data_ptr(), kWorkspaceBytes, stream));
   return y.view(out_shape);
 }
 

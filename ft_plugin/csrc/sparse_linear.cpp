@@ -2,13 +2,19 @@
 //
 // Layout (column-major, as cuSPARSELt sees it): C[N, Mp] = op(A) B with A = W viewed as K x N (opA = T,
 // the 2:4 structure runs along K), B = X^T as K x Mp and C = Y^T as N x Mp; row-major X and Y need no copy.
-// The weight is checked (PruneCheck2) and compressed once; a plan is built per padded M (and bias,
-// activation) and kept, with its workspace and padding buffers, so a call after warm-up allocates nothing
-// new from the driver and never syncs the host: both paths can be captured in CUDA graphs.
-// The algorithm id and split-k of each (M bucket) come from cusparseLtMatmulSearch once; Python persists
-// them per (GPU, dtype, M bucket, N, K) in a cache file and hands them back with set_algo.
-#include <c10/cuda/CUDAStream.h>
+// The weight is checked and compressed once, into one compressed copy; a plan is built per padded M (and
+// bias, activation) and kept. Per call, padding and workspace come from torch's caching allocator (shared by
+// all weights, nothing from the driver after warm-up, no host sync), so calls can be captured in CUDA graphs.
+//
+// Two designs, chosen by the loaded cuSPARSELt (docs/gpu_path.md has the measurements behind them):
+// * tuned (0.10 and newer): plan-free compression (Compress2); cusparseLtMatmulSearch once per M bucket,
+//   the found (algorithm id, split-k) set on every plan of that bucket. Python persists the choice per
+//   (GPU, dtype, M bucket, N, K) in a cache file and hands it back with set_algo.
+// * safe (0.8.x): compression under a plan (Compress(plan)) and the default algorithm on every plan. On
+//   0.8.x a searched algorithm works only on the plan the weight was compressed under, and setting its id on
+//   any other plan faults, so no search is run at all.
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -36,8 +42,9 @@ static cusparseLtHandle_t* handle_for_device(int device) {
   std::lock_guard<std::mutex> lock(mu);
   auto& h = handles[device];
   if (!h) {
-    h = std::make_unique<cusparseLtHandle_t>();
-    ESPARSE_CHECK_CUSPARSE(cusparseLtInit(h.get()));
+    auto fresh = std::make_unique<cusparseLtHandle_t>();
+    ESPARSE_CHECK_CUSPARSE(cslt().cusparseLtInit(fresh.get()));
+    h = std::move(fresh);
   }
   return h.get();
 }
@@ -47,12 +54,14 @@ struct Plan {
   cusparseLtMatmulDescriptor_t matmul;
   cusparseLtMatmulAlgSelection_t alg_sel;
   cusparseLtMatmulPlan_t plan;
-  at::Tensor workspace, x_pad, y_pad;
+  int stage = 0;  // how far init got, so a failed init destroys only what exists
+  int64_t workspace = 0;
   ~Plan() {
-    cusparseLtMatmulPlanDestroy(&plan);
-    cusparseLtMatmulAlgSelectionDestroy(&alg_sel);
-    cusparseLtMatDescriptorDestroy(&mat_b);
-    cusparseLtMatDescriptorDestroy(&mat_c);
+    const auto& api = cslt();
+    if (stage >= 4) api.cusparseLtMatmulPlanDestroy(&plan);
+    if (stage >= 3) api.cusparseLtMatmulAlgSelectionDestroy(&alg_sel);
+    if (stage >= 2) api.cusparseLtMatDescriptorDestroy(&mat_c);
+    if (stage >= 1) api.cusparseLtMatDescriptorDestroy(&mat_b);
   }
 };
 
@@ -64,95 +73,121 @@ class SparseWeight : public torch::CustomClassHolder {
     n_ = dense.size(0);
     k_ = dense.size(1);
     TORCH_CHECK(n_ % kRowAlign == 0 && k_ % kRowAlign == 0, "esparse: N and K must be multiples of 16, got [",
-                n_, ", ", k_, "]");
+                n_, ", ", k_, "]; pad the layer or keep it dense");
     dtype_ = dense.scalar_type();
     cuda_dtype(dtype_);
     device_ = dense.get_device();
     c10::cuda::CUDAGuard guard(device_);
+    const auto& api = cslt();
+    tuned_ = api.tuned;
     handle_ = handle_for_device(device_);
     auto w = dense.contiguous();
-    // W row-major [N, K] == column-major K x N with leading dimension K.
-    ESPARSE_CHECK_CUSPARSE(cusparseLtStructuredDescriptorInit(handle_, &mat_a_, k_, n_, k_, 16, cuda_dtype(dtype_),
-                                                              CUSPARSE_ORDER_COL, CUSPARSELT_SPARSITY_50_PERCENT));
-    auto stream = c10::cuda::getCurrentCUDAStream().stream();
-    auto valid = at::zeros({1}, dense.options().dtype(at::kInt));
-    ESPARSE_CHECK_CUSPARSE(cusparseLtSpMMAPruneCheck2(handle_, &mat_a_, 1, CUSPARSE_OPERATION_TRANSPOSE,
-                                                      w.data_ptr(), valid.data_ptr<int>(), stream));
-    TORCH_CHECK(valid.item<int>() == 0, "esparse: weight [", n_, ", ", k_,
+    // At most 2 nonzeros in every group of 4 along K (checked with torch, before cuSPARSELt sees it).
+    const bool is_24 = w.view({n_, k_ / 4, 4}).ne(0).sum(-1).le(2).all().item<bool>();
+    TORCH_CHECK(is_24, "esparse: weight [", n_, ", ", k_,
                 "] is not 2:4 sparse along its input dim; prune it (esparse prune) or use dense_linear");
+    // W row-major [N, K] == column-major K x N with leading dimension K.
+    ESPARSE_CHECK_CUSPARSE(api.cusparseLtStructuredDescriptorInit(handle_, &mat_a_, k_, n_, k_, 16, cuda_dtype(dtype_),
+                                                                  CUSPARSE_ORDER_COL, CUSPARSELT_SPARSITY_50_PERCENT));
+    has_mat_a_ = true;
+    auto stream = c10::cuda::getCurrentCUDAStream().stream();
     size_t size = 0, buffer = 0;
-    ESPARSE_CHECK_CUSPARSE(cusparseLtSpMMACompressedSize2(handle_, &mat_a_, &size, &buffer));
+    std::unique_ptr<Plan> under;  // the plan the weight is compressed under (safe design)
+    if (tuned_) {
+      ESPARSE_CHECK_CUSPARSE(api.cusparseLtSpMMACompressedSize2(handle_, &mat_a_, &size, &buffer));
+    } else {
+      under = make_plan(kRowAlign, nullptr, kNone, /*use_algo=*/false);
+      ESPARSE_CHECK_CUSPARSE(api.cusparseLtSpMMACompressedSize(handle_, &under->plan, &size, &buffer));
+    }
     compressed_ = at::empty({static_cast<int64_t>(size)}, w.options().dtype(at::kByte));
     auto scratch = at::empty({static_cast<int64_t>(buffer) + 1}, w.options().dtype(at::kByte));
-    ESPARSE_CHECK_CUSPARSE(cusparseLtSpMMACompress2(handle_, &mat_a_, 1, CUSPARSE_OPERATION_TRANSPOSE, w.data_ptr(),
-                                                    compressed_.data_ptr(), scratch.data_ptr(), stream));
+    if (tuned_) {
+      ESPARSE_CHECK_CUSPARSE(api.cusparseLtSpMMACompress2(handle_, &mat_a_, 1, CUSPARSE_OPERATION_TRANSPOSE,
+                                                          w.data_ptr(), compressed_.data_ptr(), scratch.data_ptr(),
+                                                          stream));
+    } else {
+      ESPARSE_CHECK_CUSPARSE(api.cusparseLtSpMMACompress(handle_, &under->plan, w.data_ptr(), compressed_.data_ptr(),
+                                                         scratch.data_ptr(), stream));
+    }
   }
 
   ~SparseWeight() override {
     plans_.clear();
-    cusparseLtMatDescriptorDestroy(&mat_a_);
+    if (has_mat_a_) cslt().cusparseLtMatDescriptorDestroy(&mat_a_);
   }
 
   at::Tensor forward(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t act) {
     TORCH_CHECK(x.is_cuda() && x.get_device() == device_, "esparse: input must be on the weight's GPU");
     TORCH_CHECK(x.scalar_type() == dtype_, "esparse: input dtype ", x.scalar_type(), " != weight dtype ", dtype_);
-    TORCH_CHECK(x.size(-1) == k_, "esparse: input has ", x.size(-1), " features, weight expects ", k_);
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k_, "esparse: input has ", x.dim() ? x.size(-1) : 0,
+                " features, weight expects ", k_);
+    TORCH_CHECK(act >= kNone && act <= kGelu, "esparse: unknown activation ", act);
     c10::cuda::CUDAGuard guard(device_);
+    auto out_shape = x.sizes().vec();
+    out_shape.back() = n_;
     auto x2 = x.reshape({-1, k_}).contiguous();
     const int64_t m = x2.size(0);
-    const int64_t m_pad = pad_rows(std::max<int64_t>(m, 1));
+    if (m == 0) return at::empty(out_shape, x.options());
+    const int64_t m_pad = pad_rows(m);
     const void* bias_ptr = nullptr;
     if (bias.has_value()) {
-      TORCH_CHECK(bias->numel() == n_ && bias->scalar_type() == dtype_ && bias->is_contiguous(),
-                  "esparse: bias must be a contiguous [", n_, "] tensor of the weight's dtype");
+      TORCH_CHECK(bias->is_cuda() && bias->get_device() == device_ && bias->numel() == n_ &&
+                      bias->scalar_type() == dtype_ && bias->is_contiguous(),
+                  "esparse: bias must be a contiguous [", n_, "] tensor of the weight's dtype on its GPU");
       bias_ptr = bias->data_ptr();
     }
     Plan& p = plan_for(m_pad, bias_ptr, act);
-    auto out_shape = x.sizes().vec();
-    out_shape.back() = n_;
-    const void* b_ptr = x2.data_ptr();
-    void* d_ptr;
-    at::Tensor y;
-    if (m_pad == m) {
-      y = at::empty({m, n_}, x.options());
-      d_ptr = y.data_ptr();
-    } else {  // pad rows into the plan's own buffers (no allocation after the first call of this M)
-      p.x_pad.narrow(0, 0, m).copy_(x2);
-      b_ptr = p.x_pad.data_ptr();
-      d_ptr = p.y_pad.data_ptr();
+    // Padding rows of X only feed padding rows of Y (every output row reads its own input row), so they need
+    // no zeroing; the result is a view of the first m rows, no copy.
+    at::Tensor xb = x2;
+    if (m_pad != m) {
+      xb = at::empty({m_pad, k_}, x.options());
+      xb.narrow(0, 0, m).copy_(x2);
     }
+    auto y = at::empty({m_pad, n_}, x.options());
+    at::Tensor ws;
+    if (p.workspace > 0) ws = at::empty({p.workspace}, x.options().dtype(at::kByte));
     float alpha = 1.0f, beta = 0.0f;
     auto stream = c10::cuda::getCurrentCUDAStream().stream();
-    ESPARSE_CHECK_CUSPARSE(cusparseLtMatmul(handle_, &p.plan, &alpha, compressed_.data_ptr(), b_ptr, &beta, d_ptr,
-                                            d_ptr, p.workspace.data_ptr(), &stream, 1));
-    if (m_pad != m) y = p.y_pad.narrow(0, 0, m).clone();
-    return y.view(out_shape);
+    ESPARSE_CHECK_CUSPARSE(cslt().cusparseLtMatmul(handle_, &p.plan, &alpha, compressed_.data_ptr(), xb.data_ptr(),
+                                                   &beta, y.data_ptr(), y.data_ptr(),
+                                                   ws.defined() ? ws.data_ptr() : nullptr, &stream, 1));
+    return (m_pad == m ? y : y.narrow(0, 0, m)).view(out_shape);
   }
 
   // Run cusparseLtMatmulSearch for this padded M; returns {alg_id, split_k} and keeps them for the bucket.
   std::vector<int64_t> search(int64_t m) {
+    TORCH_CHECK(tuned_, "esparse: the loaded cuSPARSELt ", cslt().major, ".", cslt().minor, ".", cslt().patch,
+                " cannot reuse a searched algorithm across plans; esparse runs its default algorithm. For tuned "
+                "algorithms install 0.10: python -m pip install --target ~/.local/share/esparse/cusparselt "
+                "nvidia-cusparselt-cu13==0.10.0");
     c10::cuda::CUDAGuard guard(device_);
     const int64_t m_pad = pad_rows(std::max<int64_t>(m, 1));
-    Plan& p = plan_for(m_pad, nullptr, kNone, /*searching=*/true);
+    auto p = make_plan(m_pad, nullptr, kNone, /*use_algo=*/false);
     auto x = at::randn({m_pad, k_}, compressed_.options().dtype(dtype_));
     auto y = at::empty({m_pad, n_}, x.options());
+    auto ws = at::empty({p->workspace + 1}, compressed_.options());
     float alpha = 1.0f, beta = 0.0f;
     auto stream = c10::cuda::getCurrentCUDAStream().stream();
-    ESPARSE_CHECK_CUSPARSE(cusparseLtMatmulSearch(handle_, &p.plan, &alpha, compressed_.data_ptr(), x.data_ptr(),
-                                                  &beta, y.data_ptr(), y.data_ptr(), p.workspace.data_ptr(),
-                                                  &stream, 1));
+    const auto& api = cslt();
+    ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulSearch(handle_, &p->plan, &alpha, compressed_.data_ptr(),
+                                                      x.data_ptr(), &beta, y.data_ptr(), y.data_ptr(), ws.data_ptr(),
+                                                      &stream, 1));
     int alg = 0, split_k = 1;
     ESPARSE_CHECK_CUSPARSE(
-        cusparseLtMatmulAlgGetAttribute(handle_, &p.alg_sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &alg, sizeof(alg)));
-    ESPARSE_CHECK_CUSPARSE(
-        cusparseLtMatmulAlgGetAttribute(handle_, &p.alg_sel, CUSPARSELT_MATMUL_SPLIT_K, &split_k, sizeof(split_k)));
+        api.cusparseLtMatmulAlgGetAttribute(handle_, &p->alg_sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &alg, sizeof(alg)));
+    ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulAlgGetAttribute(handle_, &p->alg_sel, CUSPARSELT_MATMUL_SPLIT_K,
+                                                               &split_k, sizeof(split_k)));
     set_algo(m_pad, alg, split_k);
     return {alg, split_k};
   }
 
   // Use (alg_id, split_k) for every padded M of this bucket; plans built before for it are rebuilt.
   void set_algo(int64_t m, int64_t alg, int64_t split_k) {
+    TORCH_CHECK(tuned_, "esparse: set_algo needs cuSPARSELt 0.10 or newer (the loaded one runs its default)");
+    TORCH_CHECK(alg >= 0 && split_k >= 1, "esparse: bad algorithm (", alg, ", split-k ", split_k, ")");
     const int64_t bucket = search_bucket(pad_rows(std::max<int64_t>(m, 1)));
+    std::lock_guard<std::mutex> lock(mu_);
     algos_[bucket] = {alg, split_k};
     for (auto it = plans_.begin(); it != plans_.end();) {
       it = search_bucket(std::get<0>(it->first)) == bucket ? plans_.erase(it) : std::next(it);
@@ -160,60 +195,78 @@ class SparseWeight : public torch::CustomClassHolder {
   }
 
   bool has_algo(int64_t m) const { return algos_.count(search_bucket(pad_rows(std::max<int64_t>(m, 1)))) > 0; }
+  bool tuned() const { return tuned_; }
   int64_t nbytes() const { return compressed_.numel(); }
   std::vector<int64_t> shape() const { return {n_, k_}; }
 
  private:
-  Plan& plan_for(int64_t m_pad, const void* bias, int64_t act, bool searching = false) {
-    auto key = std::make_tuple(m_pad, reinterpret_cast<intptr_t>(bias), act);
-    auto it = plans_.find(key);
-    if (it != plans_.end() && !searching) return *it->second;
-    if (searching) plans_.erase(key);
+  std::unique_ptr<Plan> make_plan(int64_t m_pad, const void* bias, int64_t act, bool use_algo) {
+    const auto& api = cslt();
     auto p = std::make_unique<Plan>();
     auto dt = cuda_dtype(dtype_);
-    ESPARSE_CHECK_CUSPARSE(cusparseLtDenseDescriptorInit(handle_, &p->mat_b, k_, m_pad, k_, 16, dt, CUSPARSE_ORDER_COL));
-    ESPARSE_CHECK_CUSPARSE(cusparseLtDenseDescriptorInit(handle_, &p->mat_c, n_, m_pad, n_, 16, dt, CUSPARSE_ORDER_COL));
-    ESPARSE_CHECK_CUSPARSE(cusparseLtMatmulDescriptorInit(handle_, &p->matmul, CUSPARSE_OPERATION_TRANSPOSE,
-                                                          CUSPARSE_OPERATION_NON_TRANSPOSE, &mat_a_, &p->mat_b,
-                                                          &p->mat_c, &p->mat_c, CUSPARSE_COMPUTE_32F));
+    ESPARSE_CHECK_CUSPARSE(
+        api.cusparseLtDenseDescriptorInit(handle_, &p->mat_b, k_, m_pad, k_, 16, dt, CUSPARSE_ORDER_COL));
+    p->stage = 1;
+    ESPARSE_CHECK_CUSPARSE(
+        api.cusparseLtDenseDescriptorInit(handle_, &p->mat_c, n_, m_pad, n_, 16, dt, CUSPARSE_ORDER_COL));
+    p->stage = 2;
+    ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulDescriptorInit(handle_, &p->matmul, CUSPARSE_OPERATION_TRANSPOSE,
+                                                              CUSPARSE_OPERATION_NON_TRANSPOSE, &mat_a_, &p->mat_b,
+                                                              &p->mat_c, &p->mat_c, CUSPARSE_COMPUTE_32F));
     int one = 1;
     if (act == kRelu)
-      ESPARSE_CHECK_CUSPARSE(cusparseLtMatmulDescSetAttribute(handle_, &p->matmul, CUSPARSELT_MATMUL_ACTIVATION_RELU,
-                                                              &one, sizeof(one)));
+      ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulDescSetAttribute(handle_, &p->matmul,
+                                                                  CUSPARSELT_MATMUL_ACTIVATION_RELU, &one, sizeof(one)));
     if (act == kGelu)
-      ESPARSE_CHECK_CUSPARSE(cusparseLtMatmulDescSetAttribute(handle_, &p->matmul, CUSPARSELT_MATMUL_ACTIVATION_GELU,
-                                                              &one, sizeof(one)));
+      ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulDescSetAttribute(handle_, &p->matmul,
+                                                                  CUSPARSELT_MATMUL_ACTIVATION_GELU, &one, sizeof(one)));
     if (bias != nullptr)
-      ESPARSE_CHECK_CUSPARSE(cusparseLtMatmulDescSetAttribute(handle_, &p->matmul, CUSPARSELT_MATMUL_BIAS_POINTER,
-                                                              &bias, sizeof(bias)));
+      ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulDescSetAttribute(handle_, &p->matmul, CUSPARSELT_MATMUL_BIAS_POINTER,
+                                                                  &bias, sizeof(bias)));
     ESPARSE_CHECK_CUSPARSE(
-        cusparseLtMatmulAlgSelectionInit(handle_, &p->alg_sel, &p->matmul, CUSPARSELT_MATMUL_ALG_DEFAULT));
-    auto found = algos_.find(search_bucket(m_pad));
-    if (found != algos_.end() && !searching) {
-      int alg = static_cast<int>(found->second.first), split_k = static_cast<int>(found->second.second);
-      ESPARSE_CHECK_CUSPARSE(cusparseLtMatmulAlgSetAttribute(handle_, &p->alg_sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID,
-                                                             &alg, sizeof(alg)));
-      ESPARSE_CHECK_CUSPARSE(cusparseLtMatmulAlgSetAttribute(handle_, &p->alg_sel, CUSPARSELT_MATMUL_SPLIT_K,
-                                                             &split_k, sizeof(split_k)));
+        api.cusparseLtMatmulAlgSelectionInit(handle_, &p->alg_sel, &p->matmul, CUSPARSELT_MATMUL_ALG_DEFAULT));
+    p->stage = 3;
+    if (use_algo && tuned_) {
+      auto found = algos_.find(search_bucket(m_pad));
+      if (found != algos_.end()) {
+        int alg = static_cast<int>(found->second.first), split_k = static_cast<int>(found->second.second);
+        ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulAlgSetAttribute(handle_, &p->alg_sel,
+                                                                   CUSPARSELT_MATMUL_ALG_CONFIG_ID, &alg, sizeof(alg)));
+        ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulAlgSetAttribute(handle_, &p->alg_sel, CUSPARSELT_MATMUL_SPLIT_K,
+                                                                   &split_k, sizeof(split_k)));
+      }
     }
-    ESPARSE_CHECK_CUSPARSE(cusparseLtMatmulPlanInit(handle_, &p->plan, &p->matmul, &p->alg_sel));
+    ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulPlanInit(handle_, &p->plan, &p->matmul, &p->alg_sel));
+    p->stage = 4;
     size_t ws = 0;
-    ESPARSE_CHECK_CUSPARSE(cusparseLtMatmulGetWorkspace(handle_, &p->plan, &ws));
-    auto opts = compressed_.options();
-    p->workspace = at::empty({static_cast<int64_t>(ws) + 1}, opts);
-    p->x_pad = at::zeros({m_pad, k_}, opts.dtype(dtype_));
-    p->y_pad = at::empty({m_pad, n_}, opts.dtype(dtype_));
+    ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulGetWorkspace(handle_, &p->plan, &ws));
+    p->workspace = static_cast<int64_t>(ws);
+    return p;
+  }
+
+  Plan& plan_for(int64_t m_pad, const void* bias, int64_t act) {
+    auto key = std::make_tuple(m_pad, reinterpret_cast<intptr_t>(bias), act);
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = plans_.find(key);
+    if (it != plans_.end()) return *it->second;
     auto& slot = plans_[key];
-    slot = std::move(p);
+    try {
+      slot = make_plan(m_pad, bias, act, /*use_algo=*/true);
+    } catch (...) {
+      plans_.erase(key);
+      throw;
+    }
     return *slot;
   }
 
   int64_t n_ = 0, k_ = 0;
   int device_ = 0;
+  bool tuned_ = false, has_mat_a_ = false;
   at::ScalarType dtype_ = at::kHalf;
   cusparseLtHandle_t* handle_ = nullptr;
   cusparseLtMatDescriptor_t mat_a_;
   at::Tensor compressed_;
+  std::mutex mu_;
   std::map<std::tuple<int64_t, intptr_t, int64_t>, std::unique_ptr<Plan>> plans_;
   std::map<int64_t, std::pair<int64_t, int64_t>> algos_;
 };
@@ -231,6 +284,7 @@ TORCH_LIBRARY_FRAGMENT(esparse, m) {
       .def("search", &esparse::SparseWeight::search)
       .def("set_algo", &esparse::SparseWeight::set_algo)
       .def("has_algo", &esparse::SparseWeight::has_algo)
+      .def("tuned", &esparse::SparseWeight::tuned)
       .def("nbytes", &esparse::SparseWeight::nbytes)
       .def("shape", &esparse::SparseWeight::shape);
   m.def("sparse_linear(Tensor x, __torch__.torch.classes.esparse.SparseWeight w, Tensor? bias, int act) -> Tensor",

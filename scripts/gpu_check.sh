@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU verification run, one stage per device call (the machine stays up between back-to-back calls).
+# Logs and results go under $OUT (the device tool brings them back). Stages:
+#   setup   README's setup on the image's torch (offline: wheels from .dev/whl), esparse env
+#   test    python -m pytest -m "gpu and not real" with the cuSPARSELt chosen by the environment
+#   gemm    bench/gemm.py (LLaMA-7B and 13B shapes)       e2e  esparse bench --shape llama-7b / llama-13b
+#   real    the real-model GPU test and esparse demo --device cuda (needs the assets in $ESPARSE_CACHE)
+# ESPARSE_CUSPARSELT=/root/cslt/lib/libcusparseLt.so.0 runs a stage on the private cuSPARSELt 0.10.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+tag=${TAG:-run}
+py=.venv/bin/python
+for stage in "$@"; do
+  echo "=== $stage ($tag) $(date +%T)"
+  case $stage in
+    setup)
+      nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/smi.txt"
+      PIP_NO_INDEX=1 PIP_FIND_LINKS=$PWD/.dev/whl ESPARSE_EXTRAS=gguf bash scripts/setup.sh 2>&1 | tail -25 \
+        | tee "$OUT/setup.log" ;;
+    env) .venv/bin/esparse env 2>&1 | tee "$OUT/env-$tag.txt" ;;
+    test) $py -m pytest -q -rs -m "gpu and not real" tests 2>&1 | tee "$OUT/gpu-$tag.log" | tail -40 ;;
+    gemm) $py bench/gemm.py --models llama-7b,llama-13b --ms 1,8,16,32,64,128,1024,2048,4096 --iters 30 \
+            --no-torch-sparse --out "$OUT/gemm-$tag" 2>&1 | tee "$OUT/gemm-$tag.log" | tail -80 ;;
+    e2e) for s in ${SHAPES:-llama-7b}; do
+           .venv/bin/esparse bench --shape "$s" --batches 1,4,16,64 --prompt-len 2048 --decode-steps 32 \
+             --out "$OUT/e2e-$tag-$s" 2>&1 | tee "$OUT/e2e-$tag-$s.log" | tail -14
+         done ;;
+    real) $py -m pytest -q -rs -m "gpu and real" tests/test_gpu.py 2>&1 | tee "$OUT/real-$tag.log" | tail -15
+          .venv/bin/esparse demo --device cuda 2>&1 | tee "$OUT/demo-$tag.log" | tail -25 ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
