@@ -7,8 +7,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  if "$PY" -c "import torch" 2>/dev/null; then "$PY" -m venv --system-site-packages .venv; else "$PY" -m venv .venv; fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+if "$PY" -c "import torch" 2>/dev/null; then
+  # python3's torch (possibly itself inside a venv, as on GPU images) stays visible from .venv through a .pth
+  # file listing python3's site folders, after .venv's own
+  site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  "$PY" -c "import site, sysconfig; print('\n'.join(dict.fromkeys([sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib'], *site.getsitepackages()])))" > "$site/zz_esparse_parent.pth"
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || echo "setup: pip not upgraded (offline?)"
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
