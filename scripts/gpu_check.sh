@@ -17,7 +17,7 @@ for stage in "$@"; do
   case $stage in
     setup)
       nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/smi.txt"
-      PIP_NO_INDEX=1 PIP_FIND_LINKS=$PWD/.dev/whl ESPARSE_EXTRAS=gguf bash scripts/setup.sh 2>&1 | tail -25 \
+      ESPARSE_BUILD_PLUGIN=ON PIP_NO_INDEX=1 PIP_FIND_LINKS=$PWD/.dev/whl ESPARSE_EXTRAS=gguf bash scripts/setup.sh 2>&1 | tail -60 \
         | tee "$OUT/setup.log" ;;
     env) .venv/bin/esparse env 2>&1 | tee "$OUT/env-$tag.txt" ;;
     test) $py -m pytest -q -rs -m "gpu and not real" tests 2>&1 | tee "$OUT/gpu-$tag.log" | tail -40 ;;
