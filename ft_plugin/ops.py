@@ -75,13 +75,12 @@ class SparseWeight:
         if major < 8:
             raise EsparseError(f"{torch.cuda.get_device_name(weight.device)} (sm_{major}x) has no sparse tensor "
                                "cores; use the dense path (--dense)")
-        try:
-            self.obj = torch.classes.esparse.SparseWeight(weight)
-        except RuntimeError as e:
-            if "not 2:4 sparse" in str(e):
-                raise EsparseError(f"weight [{n}, {k}] is not 2:4 sparse along its input dim; prune it "
-                                   "(esparse prune) or use the dense path") from None
-            raise
+        # Validated here, not only in C++: an exception thrown from the op's constructor was seen to crash the
+        # process (segfault on the H200 image), so the C++ checks stay as a backstop that never fires.
+        if not bool((weight.view(n, k // 4, 4) != 0).sum(-1).le(2).all()):
+            raise EsparseError(f"weight [{n}, {k}] is not 2:4 sparse along its input dim; prune it "
+                               "(esparse prune) or use the dense path")
+        self.obj = torch.classes.esparse.SparseWeight(weight)
         self.n, self.k = n, k
         self.dtype = DTYPE_NAMES[weight.dtype]
         self.gpu = gpu_key(torch.cuda.get_device_name(weight.device))
@@ -110,11 +109,26 @@ class SparseWeight:
         self.ready.add(bucket)
 
 
+def _check_input(x: torch.Tensor, w: SparseWeight, bias: torch.Tensor | None) -> None:
+    if x.dim() == 0 or x.shape[-1] != w.k:
+        raise EsparseError(f"input {tuple(x.shape)} has {x.shape[-1] if x.dim() else 0} features, weight expects {w.k}")
+    if DTYPE_NAMES.get(x.dtype) != w.dtype or not x.is_cuda:
+        raise EsparseError(f"input is {x.dtype} on {x.device}; the weight is {w.dtype} on a GPU")
+    if bias is not None and (bias.shape != (w.n,) or DTYPE_NAMES.get(bias.dtype) != w.dtype or not bias.is_cuda):
+        raise EsparseError(f"bias {tuple(bias.shape)} {bias.dtype}: expected a [{w.n}] {w.dtype} CUDA tensor")
+
+
 def sparse_linear(x: torch.Tensor, w: SparseWeight, bias: torch.Tensor | None = None, act: str = "none"):
+    """x W^T (+ bias, + act). Inputs are checked here (cheap, host-side only) so that a C++ error never has to
+    cross the op boundary; a CUDA-graph replay skips all of it."""
+    _check_input(x, w, bias)
     m = x.numel() // x.shape[-1]
     w.ensure_algo(m)
     return torch.ops.esparse.sparse_linear(x, w.obj, bias, ACT[act])
 
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, act: str = "none"):
+    if x.dim() == 0 or w.dim() != 2 or x.shape[-1] != w.shape[1] or x.dtype != w.dtype:
+        raise EsparseError(f"dense_linear: input {tuple(x.shape)} {x.dtype} does not fit weight {tuple(w.shape)} "
+                           f"{w.dtype}")
     return torch.ops.esparse.dense_linear(x, w, bias, ACT[act])
