@@ -48,7 +48,7 @@ def test_foreign_cache_is_ignored_and_rewritten(tmp_path, caplog, content):
 
 
 @pytest.mark.parametrize("bad", ["H100 0.10.0 fp16 16 4096", "H100 0.10.0 fp8 16 1 1 1 1", "H100 0.10.0 fp16 x 1 1 1 1",
-                                 "H100 0.10.0 fp16 16 1 1 -1 1", "H100 0.10.0 fp16 16 1 1 1 0"])
+                                 "H100 0.10.0 fp16 16 1 1 -1 1", "H100 0.10.0 fp16 16 1 1 1 -1"])
 def test_malformed_rows_are_skipped_and_the_rest_kept(tmp_path, caplog, bad):
     path = tmp_path / "algos.txt"
     path.write_text(HEADER + bad + "\nH100 0.10.0 fp16 16 4096 4096 3 1\n")

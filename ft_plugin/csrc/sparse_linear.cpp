@@ -185,7 +185,7 @@ class SparseWeight : public torch::CustomClassHolder {
   // Use (alg_id, split_k) for every padded M of this bucket; plans built before for it are rebuilt.
   void set_algo(int64_t m, int64_t alg, int64_t split_k) {
     TORCH_CHECK(tuned_, "esparse: set_algo needs cuSPARSELt 0.10 or newer (the loaded one runs its default)");
-    TORCH_CHECK(alg >= 0 && split_k >= 1, "esparse: bad algorithm (", alg, ", split-k ", split_k, ")");
+    TORCH_CHECK(alg >= 0 && split_k >= 0, "esparse: bad algorithm (", alg, ", split-k ", split_k, ")");
     const int64_t bucket = search_bucket(pad_rows(std::max<int64_t>(m, 1)));
     std::lock_guard<std::mutex> lock(mu_);
     algos_[bucket] = {alg, split_k};
@@ -232,8 +232,9 @@ class SparseWeight : public torch::CustomClassHolder {
         int alg = static_cast<int>(found->second.first), split_k = static_cast<int>(found->second.second);
         ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulAlgSetAttribute(handle_, &p->alg_sel,
                                                                    CUSPARSELT_MATMUL_ALG_CONFIG_ID, &alg, sizeof(alg)));
-        ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulAlgSetAttribute(handle_, &p->alg_sel, CUSPARSELT_MATMUL_SPLIT_K,
-                                                                   &split_k, sizeof(split_k)));
+        if (split_k >= 1)  // the search may report 0 (split-k not used): leave the attribute at its default then
+          ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulAlgSetAttribute(handle_, &p->alg_sel, CUSPARSELT_MATMUL_SPLIT_K,
+                                                                     &split_k, sizeof(split_k)));
       }
     }
     ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulPlanInit(handle_, &p->plan, &p->matmul, &p->alg_sel));
