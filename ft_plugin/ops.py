@@ -27,6 +27,12 @@ if not _info.built:
 torch.ops.load_library(str(_info.path))
 
 
+def _plugin_error() -> EsparseError:
+    """The error the last op recorded (the C++ side never throws across the op boundary)."""
+    msg = torch.ops.esparse.last_error() or "unknown error in the esparse plugin"
+    return EsparseError(msg.strip().splitlines()[0].removeprefix("esparse: "))
+
+
 @dataclass(frozen=True)
 class CusparseLtInfo:
     path: str
@@ -40,10 +46,9 @@ class CusparseLtInfo:
 
 
 def _load_cusparselt() -> CusparseLtInfo:
-    try:
-        path, major, minor, patch, private, tuned = torch.ops.esparse.cusparselt_info(cusparselt.choose())
-    except RuntimeError as e:
-        raise EsparseError(str(e).splitlines()[0].removeprefix("esparse: ")) from None
+    path, major, minor, patch, private, tuned = torch.ops.esparse.cusparselt_info(cusparselt.choose())
+    if major < 0:
+        raise _plugin_error()
     info = CusparseLtInfo(path, (major, minor, patch), private, tuned)
     if not tuned:
         log.warning("cuSPARSELt %s (%s) cannot reuse searched algorithms across plans: sparse GEMMs run its "
@@ -80,7 +85,10 @@ class SparseWeight:
         if not bool((weight.view(n, k // 4, 4) != 0).sum(-1).le(2).all()):
             raise EsparseError(f"weight [{n}, {k}] is not 2:4 sparse along its input dim; prune it "
                                "(esparse prune) or use the dense path")
-        self.obj = torch.classes.esparse.SparseWeight(weight)
+        self.obj = torch.classes.esparse.SparseWeight()
+        err = self.obj.build(weight)
+        if err:
+            raise _plugin_error()
         self.n, self.k = n, k
         self.dtype = DTYPE_NAMES[weight.dtype]
         self.gpu = gpu_key(torch.cuda.get_device_name(weight.device))
@@ -101,11 +109,14 @@ class SparseWeight:
             if found is None:
                 global SEARCHES
                 SEARCHES += 1
-                alg, split = self.obj.search(bucket)
+                found = self.obj.search(bucket)
+                if not found:
+                    raise _plugin_error()
+                alg, split = found
                 _cache.put(key, alg, split)
                 log.debug("searched %s: alg %d split-k %d", key, alg, split)
-            else:
-                self.obj.set_algo(bucket, *found)
+            elif not self.obj.set_algo(bucket, *found):
+                raise _plugin_error()
         self.ready.add(bucket)
 
 
@@ -124,11 +135,17 @@ def sparse_linear(x: torch.Tensor, w: SparseWeight, bias: torch.Tensor | None = 
     _check_input(x, w, bias)
     m = x.numel() // x.shape[-1]
     w.ensure_algo(m)
-    return torch.ops.esparse.sparse_linear(x, w.obj, bias, ACT[act])
+    y = torch.ops.esparse.sparse_linear(x, w.obj, bias, ACT[act])
+    if y is None:
+        raise _plugin_error()
+    return y
 
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, act: str = "none"):
     if x.dim() == 0 or w.dim() != 2 or x.shape[-1] != w.shape[1] or x.dtype != w.dtype:
         raise EsparseError(f"dense_linear: input {tuple(x.shape)} {x.dtype} does not fit weight {tuple(w.shape)} "
                            f"{w.dtype}")
-    return torch.ops.esparse.dense_linear(x, w, bias, ACT[act])
+    y = torch.ops.esparse.dense_linear(x, w, bias, ACT[act])
+    if y is None:
+        raise _plugin_error()
+    return y

@@ -1,10 +1,13 @@
-"""Diagnostic: does a C++ error raised inside an esparse op reach Python as an exception (not a crash)?"""
+"""Diagnostic: a C++ error inside an esparse op reaches Python as an EsparseError (not a crash)."""
 import torch
 
+from esparse.converter.errors import EsparseError
 from esparse.ft_plugin import ops
 
 sw = ops.SparseWeight(torch.zeros(128, 256, device="cuda", dtype=torch.float16))
+y = torch.ops.esparse.sparse_linear(torch.zeros(4, 64, device="cuda", dtype=torch.float16), sw.obj, None, 0)
+print("op returned", y, "last_error:", torch.ops.esparse.last_error())
 try:
-    torch.ops.esparse.sparse_linear(torch.zeros(4, 64, device="cuda", dtype=torch.float16), sw.obj, None, 0)
-except RuntimeError as e:
-    print("C++ error reached Python:", str(e).splitlines()[0])
+    ops.SparseWeight(torch.zeros(128, 256, device="cuda", dtype=torch.float16)).obj.build(torch.zeros(4, 4))
+except EsparseError as e:
+    print("EsparseError", e)

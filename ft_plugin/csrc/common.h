@@ -6,6 +6,9 @@
 #include <cublasLt.h>
 #include <cusparseLt.h>
 
+#include <exception>
+#include <string>
+
 #include "cusparselt_api.h"
 
 #define ESPARSE_CHECK_CUSPARSE(expr)                                                              \
@@ -45,5 +48,26 @@ inline int64_t search_bucket(int64_t m_pad) {
 }
 
 void check_sm80();
+
+// No exception ever leaves an esparse op: on the GPU image a C++ exception thrown across the op boundary was
+// seen to kill the process (segfault) instead of reaching Python. Each op runs its body under guarded(), which
+// records the message here and returns a fallback (an undefined tensor = None in Python, an empty list,
+// false); the Python wrappers (ft_plugin/ops.py) turn that into an EsparseError with last_error().
+inline thread_local std::string g_last_error;
+
+template <class F, class R>
+R guarded(F&& body, R fallback) {
+  g_last_error.clear();
+  try {
+    return body();
+  } catch (const c10::Error& e) {
+    g_last_error = e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    g_last_error = e.what();
+  } catch (...) {
+    g_last_error = "esparse: unknown C++ error";
+  }
+  return fallback;
+}
 
 }  // namespace esparse

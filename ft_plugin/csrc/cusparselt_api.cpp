@@ -1,6 +1,8 @@
 // Run-time loading of cuSPARSELt (see cusparselt_api.h for why) and the ops that report what was loaded.
 #include "cusparselt_api.h"
 
+#include "common.h"
+
 #include <c10/util/Exception.h>
 #include <dlfcn.h>
 #include <torch/library.h>
@@ -101,9 +103,15 @@ const CusparseLtApi& cslt() {
 
 namespace {
 
-std::tuple<std::string, int64_t, int64_t, int64_t, bool, bool> cusparselt_info(const std::string& path) {
-  const auto& api = esparse::cusparselt_load(path);
-  return {api.path, api.major, api.minor, api.patch, api.private_copy, api.tuned};
+using Info = std::tuple<std::string, int64_t, int64_t, int64_t, bool, bool>;
+
+Info cusparselt_info(const std::string& path) {
+  return esparse::guarded(
+      [&] {
+        const auto& api = esparse::cusparselt_load(path);
+        return Info{api.path, api.major, api.minor, api.patch, api.private_copy, api.tuned};
+      },
+      Info{"", -1, -1, -1, false, false});
 }
 
 }  // namespace

@@ -53,7 +53,8 @@ cublasLtEpilogue_t epilogue(bool bias, int64_t act) {
 
 }  // namespace
 
-at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t act) {
+at::Tensor dense_linear_impl(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                             int64_t act) {
   TORCH_CHECK(x.is_cuda() && w.is_cuda() && w.dim() == 2, "esparse: dense_linear takes CUDA x [..., K], w [N, K]");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "esparse: x and w dtypes differ");
   const int64_t n = w.size(0), k = w.size(1);
@@ -132,6 +133,10 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
                                         workspace.data_ptr(), kWorkspaceBytes, stream));
   }
   return y.view(out_shape);
+}
+
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t act) {
+  return guarded([&] { return dense_linear_impl(x, w, bias, act); }, at::Tensor());
 }
 
 }  // namespace esparse

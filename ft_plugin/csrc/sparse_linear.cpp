@@ -67,7 +67,15 @@ struct Plan {
 
 class SparseWeight : public torch::CustomClassHolder {
  public:
-  explicit SparseWeight(const at::Tensor& dense) {
+  SparseWeight() = default;
+
+  // Check and compress `dense`; "" on success, else the error (see guarded() in common.h).
+  std::string build(const at::Tensor& dense) {
+    return guarded([&] { build_impl(dense); return std::string(); }, std::string("error"));
+  }
+
+  void build_impl(const at::Tensor& dense) {
+    TORCH_CHECK(!compressed_.defined(), "esparse: SparseWeight.build called twice");
     TORCH_CHECK(dense.is_cuda() && dense.dim() == 2, "esparse: SparseWeight takes a 2-D CUDA tensor [N, K]");
     check_sm80();
     n_ = dense.size(0);
@@ -155,8 +163,16 @@ class SparseWeight : public torch::CustomClassHolder {
     return (m_pad == m ? y : y.narrow(0, 0, m)).view(out_shape);
   }
 
-  // Run cusparseLtMatmulSearch for this padded M; returns {alg_id, split_k} and keeps them for the bucket.
   std::vector<int64_t> search(int64_t m) {
+    return guarded([&] { return search_impl(m); }, std::vector<int64_t>());
+  }
+
+  bool set_algo(int64_t m, int64_t alg, int64_t split_k) {
+    return guarded([&] { set_algo_impl(m, alg, split_k); return true; }, false);
+  }
+
+  // Run cusparseLtMatmulSearch for this padded M; returns {alg_id, split_k} and keeps them for the bucket.
+  std::vector<int64_t> search_impl(int64_t m) {
     TORCH_CHECK(tuned_, "esparse: the loaded cuSPARSELt ", cslt().major, ".", cslt().minor, ".", cslt().patch,
                 " cannot reuse a searched algorithm across plans; esparse runs its default algorithm. For tuned "
                 "algorithms install 0.10: python -m pip install --target ~/.local/share/esparse/cusparselt "
@@ -178,12 +194,12 @@ class SparseWeight : public torch::CustomClassHolder {
         api.cusparseLtMatmulAlgGetAttribute(handle_, &p->alg_sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &alg, sizeof(alg)));
     ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulAlgGetAttribute(handle_, &p->alg_sel, CUSPARSELT_MATMUL_SPLIT_K,
                                                                &split_k, sizeof(split_k)));
-    set_algo(m_pad, alg, split_k);
+    set_algo_impl(m_pad, alg, split_k);
     return {alg, split_k};
   }
 
   // Use (alg_id, split_k) for every padded M of this bucket; plans built before for it are rebuilt.
-  void set_algo(int64_t m, int64_t alg, int64_t split_k) {
+  void set_algo_impl(int64_t m, int64_t alg, int64_t split_k) {
     TORCH_CHECK(tuned_, "esparse: set_algo needs cuSPARSELt 0.10 or newer (the loaded one runs its default)");
     TORCH_CHECK(alg >= 0 && split_k >= 0, "esparse: bad algorithm (", alg, ", split-k ", split_k, ")");
     const int64_t bucket = search_bucket(pad_rows(std::max<int64_t>(m, 1)));
@@ -274,14 +290,17 @@ class SparseWeight : public torch::CustomClassHolder {
 
 at::Tensor sparse_linear(const at::Tensor& x, const c10::intrusive_ptr<SparseWeight>& w,
                          const c10::optional<at::Tensor>& bias, int64_t act) {
-  return w->forward(x, bias, act);
+  return guarded([&] { return w->forward(x, bias, act); }, at::Tensor());
 }
+
+std::string last_error() { return g_last_error; }
 
 }  // namespace esparse
 
 TORCH_LIBRARY_FRAGMENT(esparse, m) {
   m.class_<esparse::SparseWeight>("SparseWeight")
-      .def(torch::init<at::Tensor>())
+      .def(torch::init<>())
+      .def("build", &esparse::SparseWeight::build)
       .def("search", &esparse::SparseWeight::search)
       .def("set_algo", &esparse::SparseWeight::set_algo)
       .def("has_algo", &esparse::SparseWeight::has_algo)
@@ -290,4 +309,5 @@ TORCH_LIBRARY_FRAGMENT(esparse, m) {
       .def("shape", &esparse::SparseWeight::shape);
   m.def("sparse_linear(Tensor x, __torch__.torch.classes.esparse.SparseWeight w, Tensor? bias, int act) -> Tensor",
         &esparse::sparse_linear);
+  m.def("last_error() -> str", &esparse::last_error);
 }
