@@ -33,7 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=SHAPES, default="llama-7b")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
-    ap.add_argument("--method", choices=("esparse", "wanda", "magnitude"), default="esparse")
+    ap.add_argument("--method", choices=("esparse", "wanda", "magnitude", "sparsegpt"), default="esparse")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

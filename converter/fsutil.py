@@ -22,6 +22,19 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise EsparseError(f"output folder {out} already exists: choose another --out or pass --overwrite")
 
 
+def check_output_location(out: Path, inputs: list[Path]) -> None:
+    """Refuse an output that is, contains or sits inside one of the inputs: --overwrite would delete it.
+    Checked before any work, on resolved paths (links and .. included)."""
+    o = Path(out).resolve()
+    if o.exists() and not o.is_dir():
+        raise EsparseError(f"--out {out} is a file, not a folder: choose a folder path")
+    for inp in inputs:
+        i = Path(inp).resolve()
+        if o == i or o in i.parents or i in o.parents:
+            raise EsparseError(f"--out {out} {'is' if o == i else 'overlaps'} the input {inp}: writing there would "
+                               "destroy the input; choose an output folder outside it")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``out``; on success it replaces ``out``, on failure it is removed."""

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .arch import decoder_base, head_shape
 from .errors import EsparseError
-from .fsutil import atomic_output_dir
+from .fsutil import atomic_output_dir, check_output_dir, check_output_location
 from .ft_format import (
     DTYPE_NAMES,
     FTConfig,
@@ -93,6 +93,8 @@ def rank_rows(w: torch.Tensor, spec: LinearSpec, tp: int, r: int) -> torch.Tenso
 def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwrite: bool = False) -> ExportReport:
     if dtype not in DTYPE_NAMES:
         raise EsparseError(f"--dtype {dtype}: use fp16, bf16 or fp32")
+    check_output_location(Path(out), [Path(src)])
+    check_output_dir(Path(out), overwrite)
     pruned = read_prune_meta(Path(src)) if Path(src).is_dir() else None
     meta, perms = pruned if pruned else ({}, {})
     torch_dtype = DTYPE_NAMES[dtype]

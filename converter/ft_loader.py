@@ -25,7 +25,7 @@ from .ft_format import (
     read_config,
     replicated_specs,
 )
-from .nm_pack import PackedNM, pack_indices, unpack_indices
+from .nm_pack import PackedNM, check_positions, pack_indices, unpack_indices
 
 
 @dataclass
@@ -113,6 +113,9 @@ def load_ft(path: Path, tp: int | None = None) -> FTWeights:
                         for r in range(cfg.tp)]
                 metas = [_read(folder / f"{spec.name}.{r}.meta.bin", torch.uint8, (rows, -1)) for r in range(cfg.tp)]
                 idx = [unpack_indices(mt, k, *nm) for mt in metas]
+                for r, ix_r in enumerate(idx):  # validated at load: a corrupt index file is never served
+                    where = str(folder / f"{spec.name}.{r}.meta.bin")
+                    check_positions(ix_r.reshape(rows, k // nm[1], nm[0]), nm[1], where)
                 if spec.parallel == "col":
                     v, ix = _merge_rows(vals, spec, cfg.tp), _merge_rows(idx, spec, cfg.tp)
                 else:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import EsparseError
-from .fsutil import atomic_output_dir
+from .fsutil import atomic_output_dir, check_output_dir, check_output_location
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ def convert_gguf(path: Path, out: Path, overwrite: bool = False) -> Path:
     """``esparse convert-gguf``: write a fp16 HF folder (safetensors, tokenizer, config with rope_theta)."""
     from .model_io import load_tokenizer
 
+    check_output_location(Path(out), [Path(path)])
+    check_output_dir(Path(out), overwrite)
     model = load_gguf_model(Path(path), torch.float16)
     tok = load_tokenizer(Path(path))
     with atomic_output_dir(Path(out), overwrite) as tmp:

@@ -102,6 +102,16 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str =
     return model.to(device)
 
 
+def check_no_outside_links(folder: Path) -> None:
+    """Refuse files of a model folder that are links leading outside it: esparse would read (and copy into
+    its outputs) whatever they point at."""
+    root = Path(folder).resolve()
+    for f in Path(folder).iterdir():
+        if f.is_symlink() and root not in f.resolve().parents:
+            raise EsparseError(f"{f} is a symbolic link to {f.resolve()}, outside the model folder; esparse reads "
+                               "only files inside it: replace the link by the file itself")
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer of a HF folder, or the one embedded in a GGUF file."""
     from transformers import AutoTokenizer
@@ -109,6 +119,8 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise EsparseError(f"{path} does not exist")
+    if path.is_dir():
+        check_no_outside_links(path)
     if is_gguf(path):
         from .gguf_io import require_gguf
 
@@ -121,10 +133,17 @@ def load_tokenizer(path: str | Path):
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """Copy the tokenizer (and generation config) files of a HF folder, whichever of them exist."""
+    """Copy the tokenizer (and generation config) files of a HF folder, whichever of them exist.
+
+    Only regular files inside the folder are copied: a symbolic link is refused, so a hostile model folder
+    cannot make esparse copy a file from elsewhere (a private key) into an output the user may publish."""
     for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
+        f = Path(src) / name
+        if f.is_symlink():
+            raise EsparseError(f"{f} is a symbolic link; esparse copies only regular files from a model folder: "
+                               "replace the link by the file itself")
+        if f.is_file():
+            shutil.copyfile(f, Path(dst) / name, follow_symlinks=False)
 
 
 def save_hf_folder(model: nn.Module, tokenizer_src: Path | None, out: Path, tokenizer=None) -> None:

@@ -91,9 +91,22 @@ def unpack_indices(meta: torch.Tensor, k: int, n: int, m: int) -> torch.Tensor:
     return (bitplanes << torch.arange(bits)).sum(-1)
 
 
-def unpack_nm(p: PackedNM) -> torch.Tensor:
+def check_positions(pos: torch.Tensor, m: int, where: str = "packed indices") -> None:
+    """In-group positions [..., N] must be strictly ascending and below M: anything else (a repeat, a position
+    past the group) would silently drop or misplace weights, so it is refused."""
+    bad = (pos >= m) | (pos < 0)
+    if pos.shape[-1] > 1:
+        bad[..., 1:] |= pos[..., 1:] <= pos[..., :-1]
+    if bool(bad.any()):
+        r, g = bad.any(-1).nonzero()[0].tolist()[:2]
+        raise EsparseError(f"{where}: row {r}, group {g} has positions {pos[r, g].tolist()} (need strictly ascending "
+                           f"values below {m}); the file is corrupt, re-run esparse export")
+
+
+def unpack_nm(p: PackedNM, where: str = "packed indices") -> torch.Tensor:
     rows = p.values.shape[0]
     pos = unpack_indices(p.meta, p.k, p.n, p.m).reshape(rows, p.k // p.m, p.n)
+    check_positions(pos, p.m, where)
     dense = torch.zeros(rows, p.k // p.m, p.m, dtype=p.values.dtype)
     dense.scatter_(2, pos, p.values.reshape(rows, p.k // p.m, p.n))
     return dense.reshape(rows, p.k)

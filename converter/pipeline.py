@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .arch import decoder_base, get_linear, groups_of
 from .errors import EsparseError
-from .fsutil import atomic_output_dir, check_output_dir
+from .fsutil import atomic_output_dir, check_output_dir, check_output_location
 from .model_io import check_model_path, is_gguf, load_model, load_tokenizer, save_hf_folder
 from .prune import PruneConfig, PruneResult, prune_model, summary_table
 from .text import calibration_windows, read_documents
@@ -73,6 +73,7 @@ def prune_checkpoint(
     overwrite: bool = False,
 ) -> PruneResult:
     """Load, calibrate, prune and write ``out`` atomically. Returns the per-layer report."""
+    check_output_location(Path(out), [Path(model_path), Path(calib_path)])
     check_output_dir(Path(out), overwrite)
     check_model_path(Path(model_path))
     dev = resolve_device(device)

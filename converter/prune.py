@@ -22,6 +22,7 @@ from .arch import Group, decoder_base, get_linear, groups_of, head_shape
 from .masks import nm_mask
 from .scores import MetricConfig, channel_factor, importance
 from .shuffle import shuffle
+from .sparsegpt import hessian_update, sparsegpt_nm_
 from .stats import ChannelStats
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,12 @@ class PruneConfig:
     iters: int = 100
     batch_size: int = 8  # calibration windows per forward call
     bins: int = 256
+    sparsegpt_block: int = 128  # columns per lazy-update block (SparseGPT only)
+    sparsegpt_damp: float = 0.01  # dampening, fraction of mean(diag H) (SparseGPT only)
+
+    def __post_init__(self) -> None:
+        if self.metric.updates_weights and self.shuffles:
+            raise ValueError("SparseGPT prunes in the original channel order: use gns=None, lbs=False")
 
     @property
     def shuffles(self) -> bool:
@@ -154,6 +161,22 @@ def _group_perm(scores: list[torch.Tensor], group: Group, heads, cfg: PruneConfi
     return perm, frac
 
 
+def _sparsegpt_layer(layer, groups, batches, cfg: PruneConfig, report: dict) -> None:
+    """One pass collects X X^T per sharing group (inputs of the dense layer), then each linear is pruned
+    and updated by SparseGPT (converter/sparsegpt.py)."""
+    hess: dict[str, torch.Tensor] = {}
+
+    def add(g: Group, x: torch.Tensor) -> None:
+        hess[g.name] = hessian_update(hess.get(g.name), x)
+
+    _collect(layer, groups, batches, add)
+    for g in groups:
+        for path in g.linears:
+            lin = get_linear(layer, path)
+            sparsegpt_nm_(lin.weight, hess[g.name], cfg.n, cfg.m, cfg.sparsegpt_block, cfg.sparsegpt_damp)
+            report["sparsity"][path] = float((lin.weight == 0).float().mean())
+
+
 @torch.no_grad()
 def prune_model(
     model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, device: str | torch.device = "cpu"
@@ -179,7 +202,15 @@ def prune_model(
             stats = _gather_stats(layer, groups, batches, cfg)
             seconds["stats"] += time.perf_counter() - t
         report: dict = {"sparsity": {}, "kept": {}}
-        for g in groups:
+        if cfg.metric.updates_weights:
+            bar.set_postfix_str("sparsegpt")
+            t = time.perf_counter()
+            _sparsegpt_layer(layer, groups, batches, cfg, report)
+            seconds["sparsegpt"] += time.perf_counter() - t
+            groups_to_mask = []
+        else:
+            groups_to_mask = groups
+        for g in groups_to_mask:
             lins = [get_linear(layer, p) for p in g.linears]
             t = time.perf_counter()
             factor = channel_factor(stats[g.name], cfg.metric) if cfg.metric.needs_stats else None

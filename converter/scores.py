@@ -14,7 +14,7 @@ import torch
 from .defaults import ESPARSE_DEFAULTS
 from .stats import ChannelStats
 
-METHODS = ("magnitude", "wanda", "esparse")
+METHODS = ("magnitude", "wanda", "esparse", "sparsegpt")
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,12 @@ class MetricConfig:
 
     @property
     def needs_stats(self) -> bool:
-        return self.method != "magnitude"
+        return self.method not in ("magnitude", "sparsegpt")
+
+    @property
+    def updates_weights(self) -> bool:
+        """SparseGPT changes the kept weights (the reference every table shows); the others only mask."""
+        return self.method == "sparsegpt"
 
     @property
     def needs_energy(self) -> bool:

@@ -25,7 +25,8 @@ def _add_prune(sub) -> None:
     p.add_argument("model", type=Path, help="HF model folder (LlamaForCausalLM / OPTForCausalLM) or .gguf file")
     p.add_argument("--calib", type=Path, required=True, help="calibration text: plain text or JSON lines")
     p.add_argument("--out", type=Path, required=True, help="output folder (HF folder + esparse.json)")
-    p.add_argument("--method", choices=("esparse", "wanda", "magnitude"), default="esparse")
+    p.add_argument("--method", choices=("esparse", "wanda", "magnitude", "sparsegpt"), default="esparse",
+                   help="sparsegpt updates the kept weights (the reference); the others only mask")
     p.add_argument("--pattern", default="2:4", help="keep N of every M weights (2:4, 4:8, N:M)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)

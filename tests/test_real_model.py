@@ -57,3 +57,13 @@ def test_esparse_beats_wanda_beats_magnitude(real, tmp_path):
     assert esparse < 0.9 * wanda
     # the HF folder holds the original channel order: unpermuted weights are not 2:4 along K
     assert not is_nm_sparse(layer.self_attn.q_proj.weight, 2, 4)
+
+
+def test_sparsegpt_beats_wanda(real):
+    """The weight-updating anchor must beat Wanda at 2:4, as on every published model."""
+    _, hf, calib, evalw = real
+    wanda = _ppl_after(hf, calib, evalw, PruneConfig(2, 4, MetricConfig("wanda"), gns=None, lbs=False))
+    sgpt = _ppl_after(hf, calib, evalw, PruneConfig(2, 4, MetricConfig("sparsegpt"), gns=None, lbs=False))
+    print(f"\nSmolLM2-135M wiki-eval ppl ({WINDOWS}x{SEQLEN}, calib {NSAMPLES}x{SEQLEN} C4): wanda {wanda:.1f}, "
+          f"sparsegpt {sgpt:.1f} ({sgpt / wanda:.3f}x)")
+    assert sgpt < wanda

@@ -1,0 +1,109 @@
+"""Hostile inputs: the user's data is never lost, corrupt files are never served, links are never followed."""
+
+import hashlib
+import shutil
+
+import pytest
+import torch
+
+from esparse.cli import main
+from esparse.converter.nm_pack import pack_nm, unpack_nm
+
+from helpers import save_model
+
+
+def _tree_hash(folder) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _prune(model, calib, out, *extra):
+    return main(["prune", str(model), "--calib", str(calib), "--out", str(out), "--nsamples", "2",
+                 "--seqlen", "16", "--device", "cpu", "--method", "wanda", *extra])
+
+
+@pytest.mark.parametrize("where", ["same", "parent", "inside", "calib_parent"])
+def test_overwrite_never_destroys_an_input(tmp_path, calib_file, where, capsys):
+    src = save_model("llama", tmp_path / "models" / "src")
+    calib = tmp_path / "text" / "calib.txt"
+    calib.parent.mkdir()
+    shutil.copy(calib_file, calib)
+    out = {"same": src, "parent": src.parent, "inside": src / "pruned", "calib_parent": calib.parent}[where]
+    before = (_tree_hash(src), calib.read_bytes())
+    capsys.readouterr()
+    assert _prune(src, calib, out, "--overwrite") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("esparse: error:") and "input" in err[0]
+    assert (_tree_hash(src), calib.read_bytes()) == before
+    assert not [p for p in tmp_path.rglob("*") if "partial" in p.name or p.name.endswith(".old")]
+
+
+def test_export_onto_its_own_input_is_refused(tmp_path, calib_file, capsys):
+    src = save_model("llama", tmp_path / "src")
+    pruned = tmp_path / "p"
+    assert _prune(src, calib_file, pruned) == 0
+    before = _tree_hash(pruned)
+    assert main(["export", str(pruned), "--out", str(pruned), "--overwrite"]) == 2
+    assert "destroy the input" in capsys.readouterr().err
+    assert _tree_hash(pruned) == before
+
+
+def test_output_that_is_a_file_is_refused_before_work(tmp_path, calib_file, capsys):
+    src = save_model("llama", tmp_path / "src")
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    assert _prune(src, calib_file, f, "--overwrite") == 2
+    assert "is a file" in capsys.readouterr().err and f.read_text() == "keep me"
+
+
+def test_tokenizer_symlink_out_of_the_folder_is_refused(tmp_path, calib_file, capsys):
+    secret = tmp_path / "secret_key"
+    secret.write_text("PRIVATE")
+    src = save_model("llama", tmp_path / "src")
+    tok = next(p for p in ("tokenizer.json", "tokenizer_config.json") if (src / p).exists())
+    (src / "special_tokens_map.json").unlink(missing_ok=True)
+    (src / "special_tokens_map.json").symlink_to(secret)
+    assert _prune(src, calib_file, tmp_path / "out") == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and tok
+
+
+def test_corrupt_packed_indices_are_refused_in_memory_and_on_disk(tmp_path, calib_file, capsys):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 16, generator=g)
+    w.view(8, 4, 4).scatter_(2, w.view(8, 4, 4).abs().topk(2, -1, largest=False).indices, 0)
+    p = pack_nm(w, 2, 4)
+    torch.testing.assert_close(unpack_nm(p), w)
+    rng = torch.Generator().manual_seed(1)
+    refused = 0
+    for _ in range(50):  # random corruptions of the index bytes: each either decodes validly or is refused
+        bad = p.meta.clone()
+        r, c = torch.randint(0, bad.shape[0], (1,), generator=rng).item(), torch.randint(0, bad.shape[1], (1,),
+                                                                                           generator=rng).item()
+        bad[r, c] ^= int(torch.randint(1, 256, (1,), generator=rng))
+        q = type(p)(p.values, bad, 2, 4, 16)
+        try:
+            out = unpack_nm(q)
+        except Exception as e:
+            assert "strictly ascending" in str(e)
+            refused += 1
+            continue
+        assert (out != 0).reshape(8, 4, 4).sum(-1).le(2).all()  # a valid but different layout
+    assert refused > 10
+    # on disk: a meta file with a repeated index in one group is refused by the loader, with its path
+    src = save_model("llama", tmp_path / "src")
+    assert _prune(src, calib_file, tmp_path / "p") == 0
+    assert main(["export", str(tmp_path / "p"), "--out", str(tmp_path / "ft")]) == 0
+    meta = sorted((tmp_path / "ft").rglob("*.meta.bin"))[0]
+    raw = bytearray(meta.read_bytes())
+    raw[0] = 0b0000  # positions (0, 0) in the first group of row 0
+    meta.write_bytes(bytes(raw))
+    from esparse.converter.errors import EsparseError
+    from esparse.converter.ft_loader import load_ft
+
+    with pytest.raises(EsparseError, match="meta.bin: row 0, group 0"):
+        load_ft(tmp_path / "ft")
