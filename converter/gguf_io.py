@@ -29,19 +29,46 @@ def require_gguf() -> None:
         )
 
 
-def gguf_architecture(path: Path) -> str:
-    """The ``general.architecture`` string of a GGUF file, read from its header only."""
+LLAMA_HPARAMS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
+LLAMA_BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
+                       "ffn_down")
+
+
+def _reader(path: Path):
     require_gguf()
     import gguf
 
     try:
-        reader = gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(str(path))
     except Exception as e:  # the gguf package raises plain ValueError/struct errors on bad files
         raise EsparseError(f"{path} is not a readable GGUF file: {e}") from e
-    field = reader.fields.get("general.architecture")
+
+
+def gguf_architecture(path: Path) -> str:
+    """The ``general.architecture`` string of a GGUF file, read from its header only."""
+    field = _reader(path).fields.get("general.architecture")
     if field is None:
         raise EsparseError(f"{path} has no general.architecture key: not a model GGUF")
     return bytes(field.parts[field.data[0]]).decode()
+
+
+def check_llama_gguf(path: Path) -> None:
+    """Every hyperparameter and tensor a LLaMA needs is in the file, checked against the file itself (not
+    against a model transformers has already filled with random values, and with no fallback defaults)."""
+    reader = _reader(path)
+    missing = [f"llama.{k}" for k in LLAMA_HPARAMS if f"llama.{k}" not in reader.fields]
+    if missing:
+        raise EsparseError(f"{path} lacks the hyperparameters {', '.join(missing)}: an incomplete GGUF; "
+                           "re-download or re-convert the model")
+    field = reader.fields["llama.block_count"]
+    n_layers = int(field.parts[field.data[0]][0])
+    have = {t.name for t in reader.tensors}
+    need = ["token_embd.weight", "output_norm.weight"]
+    need += [f"blk.{i}.{t}.weight" for i in range(n_layers) for t in LLAMA_BLOCK_TENSORS]
+    absent = [t for t in need if t not in have]
+    if absent:
+        raise EsparseError(f"{path} lacks {len(absent)} of the {len(need)} tensors a {n_layers}-layer LLaMA needs "
+                           f"(first: {', '.join(absent[:3])}): an incomplete GGUF; re-download or re-convert it")
 
 
 def load_gguf_model(path: Path, dtype: torch.dtype = torch.float16) -> nn.Module:
@@ -57,6 +84,7 @@ def load_gguf_model(path: Path, dtype: torch.dtype = torch.float16) -> nn.Module
             f"unsupported GGUF architecture {arch!r} in {path}: esparse reads LLaMA GGUF files "
             "(OPT has no GGUF form); convert other models to a HF folder first"
         )
+    check_llama_gguf(path)
     kwargs = dict(gguf_file=path.name, dtype=torch.float32)
     try:
         qcfg = GgufConfig(gguf_file=path.name, dequantize=True)

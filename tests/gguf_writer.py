@@ -12,17 +12,18 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_llama_gguf(model, tokenizer, path: Path) -> Path:
+def write_llama_gguf(model, tokenizer, path: Path, drop: tuple[str, ...] = (), hparams: bool = True) -> Path:
     import gguf
 
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny-llama")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
+    if hparams:
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_block_count(cfg.num_hidden_layers)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
@@ -55,7 +56,8 @@ def write_llama_gguf(model, tokenizer, path: Path) -> Path:
             arr = _permute(arr, cfg.num_attention_heads)
         elif key.endswith("k_proj.weight"):
             arr = _permute(arr, cfg.num_key_value_heads)
-        w.add_tensor(names[key], np.ascontiguousarray(arr, dtype=np.float32))
+        if names[key] not in drop:
+            w.add_tensor(names[key], np.ascontiguousarray(arr, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -74,3 +74,17 @@ def test_missing_extra_is_named(monkeypatch, tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     with pytest.raises(EsparseError, match=r"esparse\[gguf\]"):
         gguf_io.gguf_architecture(tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("drop,hparams,msg", [
+    (("blk.1.ffn_down.weight",), True, "tensors a 2-layer LLaMA needs"),
+    (("token_embd.weight",), True, "token_embd.weight"),
+    ((), False, "lacks the hyperparameters"),
+])
+def test_incomplete_gguf_is_refused_not_randomised(tmp_path, drop, hparams, msg, capsys):
+    model, tok = make_model("llama")
+    path = write_llama_gguf(model, tok, tmp_path / "bad.gguf", drop=drop, hparams=hparams)
+    with pytest.raises(EsparseError, match=msg):
+        load_model(path, dtype=torch.float32)
+    assert main(["convert-gguf", str(path), "--out", str(tmp_path / "hf")]) == 2
+    assert msg.split()[0] in capsys.readouterr().err and not (tmp_path / "hf").exists()
