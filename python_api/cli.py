@@ -5,21 +5,23 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from esparse import argtypes as at
+
 DTYPES = ("fp16", "bf16", "fp32")
 
 
 def add_commands(sub) -> None:
     g = sub.add_parser("generate", help="generate text from an exported folder (or a HF folder / .gguf)")
     g.add_argument("model", type=Path, help="folder written by esparse export; a HF folder or .gguf is exported first")
-    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    g.add_argument("--prompt", type=at.prompt, action="append", required=True, help="prompt text (repeat for a batch)")
     path = g.add_mutually_exclusive_group()
     path.add_argument("--sparse", action="store_true", help="2:4 linears on cuSPARSELt (GPU)")
     path.add_argument("--dense", action="store_true", help="dense linears (default)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto")
+    g.add_argument("--max-new-tokens", type=at.int_at_least(1), default=64)
+    g.add_argument("--temperature", type=at.float_in(0.0), default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=at.float_in(0.0, 1.0, low_open=True), default=1.0)
+    g.add_argument("--seed", type=at.int_at_least(0), default=0)
+    g.add_argument("--device", type=at.device, default="auto")
     g.add_argument("--dtype", choices=DTYPES, default=None, help="default fp16 on GPU, fp32 on CPU")
     g.add_argument("--cuda-graph", action="store_true", help="replay decode steps from a CUDA graph")
     g.set_defaults(func=cmd_generate)
@@ -27,10 +29,10 @@ def add_commands(sub) -> None:
     b = sub.add_parser("bench", help="dense vs sparse side by side: prefill latency, decode tokens/s, memory")
     b.add_argument("model", type=Path, nargs="?", help="exported 2:4 folder")
     b.add_argument("--shape", choices=("llama-7b", "llama-13b", "opt-6.7b"), help="random weights of a model shape")
-    b.add_argument("--layers", type=int, default=None, help="override the number of layers (--shape)")
-    b.add_argument("--batches", default="1,4,16,64")
-    b.add_argument("--prompt-len", type=int, default=2048, help="prefill length")
-    b.add_argument("--decode-steps", type=int, default=64)
+    b.add_argument("--layers", type=at.int_at_least(1), default=None, help="override the number of layers (--shape)")
+    b.add_argument("--batches", type=at.int_list, default="1,4,16,64")
+    b.add_argument("--prompt-len", type=at.int_at_least(1), default=2048, help="prefill length")
+    b.add_argument("--decode-steps", type=at.int_at_least(1), default=64)
     b.add_argument("--backends", default="dense,sparse", help="comma list of torch, dense, sparse")
     b.add_argument("--no-cuda-graph", action="store_true")
     b.add_argument("--out", type=Path, default=Path("results/bench"))

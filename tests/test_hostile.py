@@ -107,3 +107,26 @@ def test_corrupt_packed_indices_are_refused_in_memory_and_on_disk(tmp_path, cali
 
     with pytest.raises(EsparseError, match="meta.bin: row 0, group 0"):
         load_ft(tmp_path / "ft")
+
+
+@pytest.mark.parametrize("after", [2.5, 4.0, 6.0])
+def test_sigterm_leaves_nothing_behind(tmp_path, calib_file, after):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = save_model("llama", tmp_path / "src", num_hidden_layers=4)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "esparse.cli", "prune", str(src), "--calib", str(calib_file),
+                             "--out", str(out), "--nsamples", "8", "--seqlen", "64", "--device", "cpu"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(after)
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(60)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not leftovers, leftovers
+    if rc == 0:  # finished before the signal: the output is complete
+        assert (out / "esparse.json").is_file()
+    else:
+        assert rc in (143, -signal.SIGTERM) and not out.exists()

@@ -1,0 +1,68 @@
+"""Argument types for the CLI: every number and name is checked where it enters, before any work.
+
+A bad value is one ``esparse: error:`` line naming the flag and what it accepts (exit code 2), never a
+traceback from deep inside and never a silently disabled feature (``--iters -1``, ``--alpha nan``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+
+def int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def float_in(low: float, high: float = math.inf, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+            bracket = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(f"{text} is outside {bracket}{low}, {high}]")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def int_list(text: str) -> list[int]:
+    """Comma-separated positive integers (``--batches 1,4,16``)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated positive integers, e.g. 1,4,16")
+    return [int(p) for p in parts]
+
+
+def device(text: str) -> str:
+    """cpu, cuda, cuda:N or auto."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: use cpu, cuda, cuda:N or auto")
+    return text
+
+
+def prompt(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the prompt is empty: give some text")
+    return text
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors as one ``esparse: error:`` line, exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"esparse: error: {self.prog.removeprefix('esparse ')}: {message} (see {self.prog} --help)\n")
