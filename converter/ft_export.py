@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .arch import decoder_base, head_shape
+from .arch import decoder_base, get_linear, groups_of, head_shape
 from .errors import EsparseError
 from .fsutil import atomic_output_dir, check_output_dir, check_output_location
 from .ft_format import (
@@ -30,7 +30,7 @@ from .ft_format import (
 )
 from .model_io import copy_tokenizer_files, is_gguf, load_model, load_tokenizer
 from .nm_pack import pack_nm
-from .pipeline import read_prune_meta
+from .pipeline import PERMS_FILE, read_prune_meta
 from .serving import serving_layer
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,23 @@ class ExportReport:
                 f"{self.written_linear_bytes / 2**20:.1f} MiB ({ratio:.4f}x); "
                 f"whole model: {self.dense_total_bytes / 2**20:.1f} MiB -> {self.written_total_bytes / 2**20:.1f} MiB "
                 f"({self.written_total_bytes / self.dense_total_bytes:.4f}x)")
+
+
+def check_perms(perms: dict[str, torch.Tensor], model, src: Path) -> None:
+    """Every stored permutation is a permutation of its group's input channels, for a layer that exists."""
+    layers = decoder_base(model).layers
+    width = {g.name: get_linear(layers[0], g.linears[0]).in_features for g in groups_of(model)}
+    where = Path(src) / PERMS_FILE
+    for key, p in perms.items():
+        parts = key.split(".")
+        if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in width \
+                or int(parts[1]) >= len(layers):
+            raise EsparseError(f"{where}: unexpected entry {key!r} (layers.<i>.<group> with i < {len(layers)}, "
+                               f"group one of {sorted(width)}); re-run esparse prune")
+        k = width[parts[2]]
+        if p.dim() != 1 or p.numel() != k or p.is_floating_point() or \
+                not torch.equal(p.long().sort().values, torch.arange(k)):
+            raise EsparseError(f"{where}: {key} is not a permutation of {k} channels; re-run esparse prune")
 
 
 def ft_config_from_hf(config, tp: int, dtype: str, sparsity: str, method: str, permuted) -> FTConfig:
@@ -99,6 +116,7 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
     meta, perms = pruned if pruned else ({}, {})
     torch_dtype = DTYPE_NAMES[dtype]
     model = load_model(src, dtype=torch_dtype)
+    check_perms(perms, model, Path(src))
     arch = model.config.model_type
     sparsity = meta.get("pattern", "")
     permuted = sorted({k.split(".")[-1] for k in perms})

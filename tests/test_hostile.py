@@ -130,3 +130,32 @@ def test_sigterm_leaves_nothing_behind(tmp_path, calib_file, after):
         assert (out / "esparse.json").is_file()
     else:
         assert rc in (143, -signal.SIGTERM) and not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["out_of_range", "short", "repeat", "extra_key"])
+def test_bad_permutations_are_refused_at_export(tmp_path, calib_file, damage, capsys):
+    from safetensors.torch import load_file, save_file
+
+    src = save_model("llama", tmp_path / "src")
+    pruned = tmp_path / "p"
+    assert main(["prune", str(src), "--calib", str(calib_file), "--out", str(pruned), "--nsamples", "2",
+                 "--seqlen", "16", "--device", "cpu"]) == 0
+    f = pruned / "esparse_perms.safetensors"
+    perms = load_file(str(f))
+    key = sorted(perms)[0]
+    p = perms[key].clone()
+    if damage == "out_of_range":
+        p[0] = p.numel() + 5
+    elif damage == "short":
+        p = p[:-1].clone()
+    elif damage == "repeat":
+        p[1] = p[0]
+    else:
+        perms["layers.99.attn_in"] = p.clone()
+    perms[key] = p
+    save_file(perms, str(f))
+    capsys.readouterr()
+    assert main(["export", str(pruned), "--out", str(tmp_path / "ft")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # (progress bars aside)
+    assert len(err) == 1 and err[0].startswith("esparse: error:") and "esparse_perms.safetensors" in err[0]
+    assert not (tmp_path / "ft").exists()
