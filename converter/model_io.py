@@ -56,9 +56,11 @@ def read_model_type(model_dir: Path) -> str:
     if not cfg_path.is_file():
         raise EsparseError(f"{model_dir} has no config.json: it is not a Hugging Face model folder")
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise EsparseError(f"cannot read {cfg_path}: {e}") from e
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EsparseError(f"cannot read {cfg_path}: {e}; the folder's config.json is corrupt") from e
+    if not isinstance(cfg, dict):
+        raise EsparseError(f"{cfg_path} holds a JSON {type(cfg).__name__}, not an object: the config is corrupt")
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED:
         arch = cfg.get("architectures") or [model_type]
@@ -95,8 +97,10 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str =
         read_model_type(path)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", low_cpu_mem_usage=True)
-        except OSError as e:
-            raise EsparseError(f"cannot load the weights in {path}: {e}") from e
+        except Exception as e:  # corrupt files surface as any of OSError/ValueError/RuntimeError/TypeError/...
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise EsparseError(f"cannot load the model in {path} ({type(e).__name__}: {first}); its config or "
+                               "weight files are corrupt or do not match: re-download or re-save the model") from e
     model.eval()
     model.config.use_cache = False
     return model.to(device)
@@ -128,8 +132,10 @@ def load_tokenizer(path: str | Path):
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise EsparseError(f"cannot load a tokenizer from {path}: {e}") from e
+    except Exception as e:  # a corrupt config/tokenizer file surfaces as any error type
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise EsparseError(f"cannot load a tokenizer from {path} ({type(e).__name__}: {first}); its tokenizer or "
+                           "config files are corrupt") from e
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:

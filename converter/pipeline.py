@@ -46,11 +46,16 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def source_dtype(model) -> torch.dtype:
-    dt = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
-    if isinstance(dt, str):
-        dt = getattr(torch, dt, None)
-    return dt if isinstance(dt, torch.dtype) else torch.float16
+def source_dtype(model_path: Path) -> torch.dtype:
+    """The dtype a HF folder's config.json declares (read before loading: a CPU run computes in fp32 and must
+    still write the source's dtype); fp16 when it declares none."""
+    try:
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float16
+    dt = cfg.get("dtype") or cfg.get("torch_dtype") if isinstance(cfg, dict) else None
+    dt = getattr(torch, dt, None) if isinstance(dt, str) else None
+    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float16
 
 
 def check_divisibility(model, m: int) -> None:
@@ -82,7 +87,7 @@ def prune_checkpoint(
     # on the CPU compute in fp32 (half matmuls are slow there); weights are saved in the source dtype
     model = load_model(model_path, dtype=torch.float32 if dev.type == "cpu" else None)
     from_gguf = is_gguf(Path(model_path))
-    save_dtype = torch.float16 if from_gguf else source_dtype(model)
+    save_dtype = torch.float16 if from_gguf else source_dtype(Path(model_path))
     check_divisibility(model, cfg.m)
     max_pos = getattr(model.config, "max_position_embeddings", calib.seqlen)
     seqlen = min(calib.seqlen, max_pos)

@@ -159,3 +159,43 @@ def test_bad_permutations_are_refused_at_export(tmp_path, calib_file, damage, ca
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # (progress bars aside)
     assert len(err) == 1 and err[0].startswith("esparse: error:") and "esparse_perms.safetensors" in err[0]
     assert not (tmp_path / "ft").exists()
+
+
+def test_cpu_prune_keeps_the_source_dtype(tmp_path, calib_file):
+    src = save_model("llama", tmp_path / "src", dtype=torch.float16)
+    assert _prune(src, calib_file, tmp_path / "p") == 0
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "p" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"F16"}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "empty", "config_list", "config_not_utf8",
+                                    "config_wrong_types"])
+def test_corrupt_model_files_are_one_clear_error(tmp_path, calib_file, damage, capsys):
+    src = save_model("llama", tmp_path / "src")
+    st = src / "model.safetensors"
+    cfg = src / "config.json"
+    if damage == "truncated":
+        st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    elif damage == "random":
+        st.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
+                       .to(torch.uint8).numpy().tobytes())
+    elif damage == "empty":
+        st.write_bytes(b"")
+    elif damage == "config_list":
+        cfg.write_text("[1, 2]")
+    elif damage == "config_not_utf8":
+        cfg.write_bytes(b"\xff\xfe{")
+    else:
+        import json
+
+        c = json.loads(cfg.read_text())
+        c["hidden_size"] = "wide"
+        cfg.write_text(json.dumps(c))
+    capsys.readouterr()
+    assert _prune(src, calib_file, tmp_path / "out") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert err and err[-1].startswith("esparse: error:") and "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
