@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The one command line that compiles and links libesparse_ft_plugin.so (CMake runs it; it also runs alone):
+#   PY=.venv/bin/python bash ft_plugin/build.sh OUT.so [CUSPARSELT_INCLUDE_DIR] [CUBLASLT_LIB]
+# torch's own extension flags (its include folders, C++20, its C++ ABI, -O2), torch's libraries by name, cudart,
+# cuBLASLt and libdl; no -DNDEBUG, no -soname, no strip, RPATH = torch's library folder. This exact build is the
+# one whose C++ errors were seen to reach Python on the H200 image, where a plugin built through CMake targets
+# crashed on every throw (docs/gpu_path.md), so nothing else is added to it.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:?usage: build.sh OUT.so [CUSPARSELT_INCLUDE_DIR] [CUBLASLT_LIB]}
+py=${PY:-python3}
+read -r inc libdir cslt abi < <("$py" - <<'PY'
+import glob, os, torch
+from torch.utils.cpp_extension import include_paths
+site = os.path.dirname(os.path.dirname(torch.__file__))
+hdr = sorted(glob.glob(os.path.join(site, "nvidia", "*", "include", "cusparseLt.h")))
+print(",".join(include_paths(device_type="cuda")), os.path.join(site, "torch", "lib"),
+      os.path.dirname(hdr[0]) if hdr else "-", int(torch._C._GLIBCXX_USE_CXX11_ABI))
+PY
+)
+cslt=${2:-$cslt}
+cuda=${CUDA_HOME:-/usr/local/cuda}
+cublaslt=${3:-}
+if [ -n "$cublaslt" ]; then  # a pip wheel's cuBLASLt (nvidia/cu13/lib/libcublasLt.so.13) and its headers
+  cublas_link=("$cublaslt" -I"$(dirname "$cublaslt")/../include")
+else
+  cublas_link=(-L"$cuda/lib64" -lcublasLt)
+fi
+inc=$(echo "$inc" | sed 's/^/-I/; s/,/ -I/g')
+# shellcheck disable=SC2086
+${CXX:-g++} -shared -fPIC -O2 -std=c++20 -D_GLIBCXX_USE_CXX11_ABI="$abi" $inc -I"$cslt" -I"$cuda/include" \
+  "$here/csrc/cusparselt_api.cpp" "$here/csrc/sparse_linear.cpp" "$here/csrc/dense_linear.cpp" \
+  -L"$libdir" -lc10 -lc10_cuda -ltorch -ltorch_cpu -ltorch_cuda -L"$cuda/lib64" -lcudart "${cublas_link[@]}" -ldl \
+  -Wl,-rpath,"$libdir" -o "$out"
+echo "built $out"
