@@ -23,41 +23,40 @@ from esparse.assets import real_assets, smollm2_hf_dir
 from esparse.converter.model_io import load_model, load_tokenizer
 from esparse.converter.ppl import perplexity
 from esparse.converter.prune import PruneConfig, prune_model
-from esparse.converter.scores import MetricConfig
 from esparse.converter.text import calibration_windows, eval_windows, read_documents
 from esparse.report import environment, format_table, write_json
-
-ES = dict(gns="serpentine", lbs=True)
-NO = dict(gns=None, lbs=False)
 
 
 def variants(group: str) -> dict[str, PruneConfig | None]:
     """name -> config (None = dense). Groups: main, ablation, entropy, shuffle, all."""
+    P = PruneConfig.for_method
     main = {
         "dense": None,
-        "magnitude 2:4": PruneConfig(2, 4, MetricConfig("magnitude"), **NO),
-        "wanda 2:4": PruneConfig(2, 4, MetricConfig("wanda"), **NO),
-        "esparse 2:4": PruneConfig(2, 4, MetricConfig("esparse"), **ES),
-        "magnitude 4:8": PruneConfig(4, 8, MetricConfig("magnitude"), **NO),
-        "wanda 4:8": PruneConfig(4, 8, MetricConfig("wanda"), **NO),
-        "esparse 4:8": PruneConfig(4, 8, MetricConfig("esparse"), **ES),
+        "magnitude 2:4": P("magnitude"),
+        "wanda 2:4": P("wanda"),
+        "sparsegpt 2:4 (updates weights)": P("sparsegpt"),
+        "esparse 2:4": P("esparse"),
+        "magnitude 4:8": P("magnitude", 4, 8),
+        "wanda 4:8": P("wanda", 4, 8),
+        "sparsegpt 4:8 (updates weights)": P("sparsegpt", 4, 8),
+        "esparse 4:8": P("esparse", 4, 8),
     }
-    ablation = {
-        "esparse 2:4 no entropy (Wanda+GNS+LBS)": PruneConfig(2, 4, MetricConfig("esparse", alpha=0.0), **ES),
-        "esparse 2:4 no GNS": PruneConfig(2, 4, MetricConfig("esparse"), gns=None, lbs=True),
-        "esparse 2:4 no LBS": PruneConfig(2, 4, MetricConfig("esparse"), gns="serpentine", lbs=False),
-        "esparse 2:4 no shuffle": PruneConfig(2, 4, MetricConfig("esparse"), **NO),
+    ablation = {  # the default is alpha 0 (Wanda's score + GNS + LBS); the entropy row adds the old default
+        "esparse 2:4 + energy entropy a=0.25": P("esparse", alpha=0.25, estimator="energy"),
+        "esparse 2:4 no GNS": P("esparse", gns=None),
+        "esparse 2:4 no LBS": P("esparse", lbs=False),
+        "esparse 2:4 no shuffle (= Wanda)": P("esparse", gns=None, lbs=False),
     }
     entropy = {}
     for est, combine, alpha in [("hist", "add", 0.25), ("hist_layer", "add", 0.25), ("energy", "add", 0.1),
                                 ("energy", "add", 0.25), ("energy", "add", 0.5), ("energy", "add", 1.0),
                                 ("energy", "mul", 1.0), ("hist", "mul", 1.0)]:
-        entropy[f"esparse 2:4 H={est} {combine} a={alpha}"] = PruneConfig(
-            2, 4, MetricConfig("esparse", alpha, est, combine), **ES)
+        entropy[f"esparse 2:4 H={est} {combine} a={alpha}"] = P("esparse", alpha=alpha, estimator=est,
+                                                                 combine=combine)
     shuffle = {
-        "esparse 2:4 GNS round-robin": PruneConfig(2, 4, MetricConfig("esparse"), gns="round_robin", lbs=True),
-        "esparse 2:4 block 128": PruneConfig(2, 4, MetricConfig("esparse"), block=128, **ES),
-        "esparse 2:4 block 32": PruneConfig(2, 4, MetricConfig("esparse"), block=32, **ES),
+        "esparse 2:4 GNS round-robin": P("esparse", gns="round_robin"),
+        "esparse 2:4 block 128": P("esparse", block=128),
+        "esparse 2:4 block 32": P("esparse", block=32),
     }
     groups = {"main": main, "ablation": ablation, "entropy": entropy, "shuffle": shuffle}
     if group == "all":

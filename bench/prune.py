@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from esparse.converter.prune import PruneConfig, prune_model
-from esparse.converter.scores import MetricConfig
 from esparse.report import environment, format_table, write_json
 
 SHAPES = {
@@ -52,8 +51,7 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     calib = torch.randint(0, spec["vocab_size"], (args.nsamples, args.seqlen),
                           generator=torch.Generator().manual_seed(0))
-    es = args.method == "esparse"
-    cfg = PruneConfig(2, 4, MetricConfig(args.method), gns="serpentine" if es else None, lbs=es)
+    cfg = PruneConfig.for_method(args.method)
     t0 = time.perf_counter()
     res = prune_model(model, calib, cfg, args.device)
     total = time.perf_counter() - t0

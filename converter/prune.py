@@ -42,6 +42,16 @@ class PruneConfig:
     sparsegpt_block: int = 128  # columns per lazy-update block (SparseGPT only)
     sparsegpt_damp: float = 0.01  # dampening, fraction of mean(diag H) (SparseGPT only)
 
+    @classmethod
+    def for_method(cls, method: str, n: int = 2, m: int = 4, **overrides) -> PruneConfig:
+        """The preset of a method: E-Sparse with its shuffles (GNS + LBS), the baselines (magnitude, Wanda,
+        SparseGPT) without; ``overrides`` replace any field (``alpha=`` etc. go to the metric)."""
+        metric_keys = {"alpha", "estimator", "combine"}
+        metric = MetricConfig(method, **{k: overrides.pop(k) for k in list(overrides) if k in metric_keys})
+        es = method == "esparse"
+        return cls(**{"n": n, "m": m, "metric": metric, "gns": "serpentine" if es else None, "lbs": es,
+                      **overrides})
+
     def __post_init__(self) -> None:
         if self.metric.updates_weights and self.shuffles:
             raise ValueError("SparseGPT prunes in the original channel order: use gns=None, lbs=False")

@@ -36,7 +36,6 @@ def run_demo(args) -> None:
     from esparse.converter.pipeline import CalibConfig, prune_checkpoint, resolve_device
     from esparse.converter.ppl import perplexity
     from esparse.converter.prune import PruneConfig
-    from esparse.converter.scores import MetricConfig
     from esparse.converter.text import eval_windows, read_documents
     from esparse.python_api import load_decoder
     from esparse.python_api.generate import generate
@@ -55,8 +54,8 @@ def run_demo(args) -> None:
     work = cache_dir(args.cache) / "demo"
     calib = CalibConfig(nsamples, seqlen, 0)
     runs = {
-        "Wanda 2:4": PruneConfig(2, 4, MetricConfig("wanda"), gns=None, lbs=False),
-        "E-Sparse 2:4": PruneConfig(2, 4, MetricConfig("esparse")),
+        "Wanda 2:4": PruneConfig.for_method("wanda"),
+        "E-Sparse 2:4": PruneConfig.for_method("esparse"),
     }
     folders, seconds = {"dense": hf_dir}, {}
     for i, (name, cfg) in enumerate(runs.items(), 2):

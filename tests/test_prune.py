@@ -162,3 +162,13 @@ def test_wanda_differs_from_magnitude_and_esparse_alpha_differs():
 def test_tokenizer_helper_roundtrip():
     tok = make_tokenizer()
     assert tok.decode(tok("the lazy dog").input_ids) == "the lazy dog"
+
+
+def test_method_presets():
+    from esparse.converter.prune import PruneConfig
+
+    es, wanda = PruneConfig.for_method("esparse"), PruneConfig.for_method("wanda", 4, 8)
+    assert es.gns == "serpentine" and es.lbs and es.metric.method == "esparse" and es.metric.alpha == 0.0
+    assert (wanda.n, wanda.m, wanda.gns, wanda.lbs, wanda.metric.method) == (4, 8, None, False, "wanda")
+    assert PruneConfig.for_method("esparse", alpha=0.25, block=32).metric.alpha == 0.25
+    assert not PruneConfig.for_method("sparsegpt").shuffles
