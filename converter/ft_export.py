@@ -26,6 +26,7 @@ from .ft_format import (
     linear_specs,
     perm_names,
     replicated_specs,
+    write_checksums,
     write_config,
 )
 from .model_io import copy_tokenizer_files, is_gguf, load_model, load_tokenizer
@@ -168,6 +169,7 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
         missing = set(expected_files(cfg)) - {p.name for p in folder.iterdir()}
         if missing:
             raise EsparseError(f"internal error: export did not write {sorted(missing)[:3]}")
+        write_checksums(folder, list(expected_files(cfg)))
     rep = ExportReport(Path(out), dense_lin, written_lin, dense_lin + other, written_lin + other)
     log.info("%s", rep.summary())
     return rep

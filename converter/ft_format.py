@@ -9,6 +9,7 @@ Grouped-query attention: the fused qkv holds [q | k | v] and each part is split 
 from __future__ import annotations
 
 import configparser
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,3 +239,43 @@ def read_config(path: Path) -> FTConfig:
         )
     except (KeyError, ValueError, configparser.Error) as e:
         raise EsparseError(f"{path} is not a valid esparse config.ini ({e}): re-export the model") from e
+
+
+CHECKSUMS_FILE = "checksums.sha256"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(folder: Path, names: list[str]) -> None:
+    """One ``<sha256>  <file>`` line per tensor file (sha256sum's format), so a flipped byte is caught at load."""
+    lines = [f"{file_sha256(Path(folder) / n)}  {n}\n" for n in sorted(names)]
+    (Path(folder) / CHECKSUMS_FILE).write_text("".join(lines))
+
+
+def verify_checksums(folder: Path, names: list[str]) -> bool:
+    """Check every tensor file against the folder's checksum file; False when the folder has none (older
+    exports). Raises on a mismatch, a tensor file the manifest does not list, or a malformed manifest."""
+    manifest = Path(folder) / CHECKSUMS_FILE
+    if not manifest.is_file():
+        return False
+    sums: dict[str, str] = {}
+    for i, line in enumerate(manifest.read_text(errors="replace").splitlines(), 1):
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name:
+            raise EsparseError(f"{manifest}:{i} is not '<sha256>  <file>': the manifest is corrupt; "
+                               "re-run esparse export")
+        sums[name] = digest
+    for n in names:
+        if n not in sums:
+            raise EsparseError(f"{manifest} does not list {n}: the folder was changed after export; "
+                               "re-run esparse export")
+        if file_sha256(Path(folder) / n) != sums[n]:
+            raise EsparseError(f"{Path(folder) / n} does not match its sha256 in {CHECKSUMS_FILE}: the file is corrupt "
+                               "(a flipped byte is never served); re-run esparse export or restore the file")
+    return True

@@ -7,6 +7,7 @@ found is named. Tensor-parallel shards are reassembled, so a tp=4 folder loads t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from .errors import EsparseError
 from .ft_format import (
+    CHECKSUMS_FILE,
     FTConfig,
     LinearSpec,
     expected_files,
@@ -24,8 +26,11 @@ from .ft_format import (
     rank_rows,
     read_config,
     replicated_specs,
+    verify_checksums,
 )
 from .nm_pack import PackedNM, check_positions, pack_indices, unpack_indices
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,6 +81,8 @@ def validate(folder: Path, cfg: FTConfig) -> dict[str, int]:
     if extra:
         raise EsparseError(f"{folder} holds files config.ini does not describe (e.g. {extra[0]}): it mixes "
                            "exports of another tp size or model; export into an empty folder")
+    if not verify_checksums(folder, list(want)):
+        log.warning("%s has no %s (exported before checksums): its files are not verified", folder, CHECKSUMS_FILE)
     return want
 
 

@@ -199,3 +199,27 @@ def test_corrupt_model_files_are_one_clear_error(tmp_path, calib_file, damage, c
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert err and err[-1].startswith("esparse: error:") and "Traceback" not in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_flipped_byte_in_an_exported_file_is_caught_at_load(tmp_path, calib_file):
+    from esparse.converter.errors import EsparseError
+    from esparse.converter.ft_format import CHECKSUMS_FILE
+    from esparse.converter.ft_loader import load_ft
+
+    src = save_model("llama", tmp_path / "src")
+    assert _prune(src, calib_file, tmp_path / "p") == 0
+    assert main(["export", str(tmp_path / "p"), "--out", str(tmp_path / "ft")]) == 0
+    folder = next((tmp_path / "ft").glob("*-gpu"))
+    assert (folder / CHECKSUMS_FILE).is_file()
+    load_ft(tmp_path / "ft")  # intact: loads
+    for victim in (sorted(folder.glob("*.values.bin"))[0], sorted(folder.glob("*layernorm*.bin"))[0]):
+        raw = bytearray(victim.read_bytes())
+        raw[len(raw) // 2] ^= 0x10
+        victim.write_bytes(bytes(raw))
+        with pytest.raises(EsparseError, match="does not match its sha256"):
+            load_ft(tmp_path / "ft")
+        raw[len(raw) // 2] ^= 0x10
+        victim.write_bytes(bytes(raw))
+    (folder / CHECKSUMS_FILE).write_text("garbage\n")
+    with pytest.raises(EsparseError, match="manifest is corrupt"):
+        load_ft(tmp_path / "ft")
