@@ -4,7 +4,9 @@
 #   setup   README's setup on the image's torch (offline: wheels from .dev/whl), esparse env
 #   test    python -m pytest -m "gpu and not real" with the cuSPARSELt chosen by the environment
 #   gemm    bench/gemm.py (LLaMA-7B and 13B shapes)       e2e  esparse bench --shape llama-7b / llama-13b
+#   assets  joins the GGUF parts (/root/assets/g1, g2 copied by earlier calls; .dev/g3 carried now) into the cache
 #   real    the real-model GPU test and esparse demo --device cuda (needs the assets in $ESPARSE_CACHE)
+# Carry folders come from scripts/device_assets.sh (and ../shared/tools/cusparselt010.sh for cuSPARSELt 0.10).
 # ESPARSE_CUSPARSELT=/root/cslt/lib/libcusparseLt.so.0 runs a stage on the private cuSPARSELt 0.10.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -21,12 +23,15 @@ for stage in "$@"; do
         | tee "$OUT/setup.log" ;;
     env) .venv/bin/esparse env 2>&1 | tee "$OUT/env-$tag.txt" ;;
     test) $py -m pytest -q -rs -m "gpu and not real" tests 2>&1 | tee "$OUT/gpu-$tag.log" | tail -40 ;;
-    gemm) $py bench/gemm.py --models llama-7b,llama-13b --ms 1,8,16,32,64,128,1024,2048,4096 --iters 30 \
+    gemm) $py bench/gemm.py --models ${GEMM_MODELS:-llama-7b,llama-13b} --ms 1,8,16,32,64,128,1024,2048,4096 --iters 30 \
             --no-torch-sparse --out "$OUT/gemm-$tag" 2>&1 | tee "$OUT/gemm-$tag.log" | tail -80 ;;
     e2e) for s in ${SHAPES:-llama-7b}; do
            .venv/bin/esparse bench --shape "$s" --batches 1,4,16,64 --prompt-len 2048 --decode-steps 32 \
              --out "$OUT/e2e-$tag-$s" 2>&1 | tee "$OUT/e2e-$tag-$s.log" | tail -14
          done ;;
+    assets) c=${ESPARSE_CACHE:-$HOME/.cache/esparse}; mkdir -p "$c/smollm2" && cp -r .dev/g3/text "$c/"
+            cat /root/assets/g1 /root/assets/g2 .dev/g3/p > "$c/smollm2/$(cat .dev/g3/name)"
+            echo "$(cat .dev/g3/sha256)  $c/smollm2/$(cat .dev/g3/name)" | sha256sum -c - ;;
     real) $py -m pytest -q -rs -m "gpu and real" tests/test_gpu.py 2>&1 | tee "$OUT/real-$tag.log" | tail -15
           .venv/bin/esparse demo --device cuda 2>&1 | tee "$OUT/demo-$tag.log" | tail -25 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
