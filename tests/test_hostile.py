@@ -105,6 +105,9 @@ def test_corrupt_packed_indices_are_refused_in_memory_and_on_disk(tmp_path, cali
     from esparse.converter.errors import EsparseError
     from esparse.converter.ft_loader import load_ft
 
+    with pytest.raises(EsparseError, match="does not match its sha256"):  # the checksum catches it first
+        load_ft(tmp_path / "ft")
+    (meta.parent / "checksums.sha256").unlink()  # without a manifest, the index check still refuses it
     with pytest.raises(EsparseError, match="meta.bin: row 0, group 0"):
         load_ft(tmp_path / "ft")
 
