@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from esparse.python_api.bench import random_24
 from esparse.report import environment, format_table, write_json
 
 SHAPES = {  # (name, N, K) per linear, gate/up fused as the runtime runs them
@@ -58,17 +59,10 @@ def _graph_time(calls, iters: int) -> float:
     return _time(g.replay, max(5, iters // 5)) / len(calls)
 
 
-def _random_24(n: int, k: int, seed: int) -> torch.Tensor:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    w = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=g) * k**-0.5
-    keep = w.view(n, -1, 4).abs().topk(2, -1).indices
-    return (w.view(n, -1, 4) * torch.zeros_like(w.view(n, -1, 4)).scatter_(-1, keep, 1)).view(n, k)
-
-
 def bench_shape(ops, model: str, name: str, n: int, k: int, ms: list[int], iters: int, torch_sparse: bool,
                 copies: int = 8):
     """All M for one (N, K): random 2:4 fp16 weights, each GEMM path timed on the same inputs."""
-    ws = [_random_24(n, k, seed) for seed in range(copies)]
+    ws = [random_24(n, k, "cuda", seed=seed) for seed in range(copies)]
     sws = [ops.SparseWeight(w) for w in ws]
     w0, sw0 = ws[0], sws[0]
     ts = None

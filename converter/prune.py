@@ -217,10 +217,7 @@ def prune_model(
             t = time.perf_counter()
             _sparsegpt_layer(layer, groups, batches, cfg, report)
             seconds["sparsegpt"] += time.perf_counter() - t
-            groups_to_mask = []
-        else:
-            groups_to_mask = groups
-        for g in groups_to_mask:
+        for g in [] if cfg.metric.updates_weights else groups:  # SparseGPT chose and applied its own masks
             lins = [get_linear(layer, p) for p in g.linears]
             t = time.perf_counter()
             factor = channel_factor(stats[g.name], cfg.metric) if cfg.metric.needs_stats else None

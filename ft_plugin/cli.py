@@ -100,8 +100,8 @@ def env_report() -> list[str]:
             lines.append(f"algorithm cache: {ops._cache.path} ({len(ops._cache.rows)} rows)")
         except Exception as e:  # a report is still wanted when loading fails
             lines.append(f"plugin load failed: {e}")
-    own = cusparselt.loaded_in_process()
-    lines.append(f"torch's cuSPARSELt: {own or 'not loaded'}")
+    copies = cusparselt.mapped_copies()
+    lines.append(f"cuSPARSELt files mapped in this process: {', '.join(map(str, copies)) or 'none'}")
     return lines
 
 

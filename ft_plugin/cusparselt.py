@@ -50,17 +50,21 @@ def find_library(root: Path) -> Path | None:
     return found[0] if found else None
 
 
-def loaded_in_process() -> Path | None:
-    """The cuSPARSELt this process has already mapped (torch's), from /proc/self/maps."""
+def mapped_copies() -> list[Path]:
+    """Every cuSPARSELt file this process has mapped (torch's, and a private one once loaded), from
+    /proc/self/maps, in first-mapped order."""
     try:
         with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.split()[-1] if line.strip() else ""
-                if path.endswith(SONAME) or (os.path.basename(path).startswith("libcusparseLt.so")):
-                    return Path(path)
+            paths = [line.split()[-1] for line in f if "libcusparseLt.so" in line]
     except OSError:
-        return None
-    return None
+        return []
+    return [Path(p) for p in dict.fromkeys(paths)]
+
+
+def loaded_in_process() -> Path | None:
+    """The cuSPARSELt the process had before esparse chose one (torch's), if any."""
+    copies = mapped_copies()
+    return copies[0] if copies else None
 
 
 def library_version(path: Path) -> tuple[int, int, int] | None:

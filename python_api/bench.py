@@ -37,21 +37,27 @@ SHAPES = {
 }
 
 
+def random_24(n: int, k: int, device, dtype=torch.float16, seed: int = 0) -> torch.Tensor:
+    """A random [n, k] weight, scaled like a trained linear, with the 2 largest of every 4 along k kept."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(n, k, device=device, dtype=dtype, generator=g) * (k ** -0.5)
+    keep = x.view(n, -1, 4).abs().topk(2, -1).indices
+    mask = torch.zeros_like(x.view(n, -1, 4), dtype=torch.bool).scatter_(-1, keep, True)
+    return (x.view(n, -1, 4) * mask).view(n, k)
+
+
 class RandomLinears(Mapping):
     """Random 2:4 linears made on first access and never stored: a model built from them holds only what its
     layers keep (the sparse path: the compressed copy), as loading layer by layer from a folder does."""
 
     def __init__(self, cfg: FTConfig, device, dtype, seed: int = 0):
         self.specs = {s.name: s for i in range(cfg.n_layers) for s in linear_specs(cfg, i)}
-        self.device, self.dtype, self.seed = device, dtype, seed
+        self.seeds = {name: seed + j for j, name in enumerate(self.specs)}
+        self.device, self.dtype = device, dtype
 
     def __getitem__(self, name: str) -> torch.Tensor:
         s = self.specs[name]
-        g = torch.Generator(device=self.device).manual_seed(self.seed + list(self.specs).index(name))
-        x = torch.randn(s.n, s.k, device=self.device, dtype=self.dtype, generator=g) * (s.k ** -0.5)
-        keep = x.view(s.n, -1, 4).abs().topk(2, -1).indices
-        mask = torch.zeros_like(x.view(s.n, -1, 4), dtype=torch.bool).scatter_(-1, keep, True)
-        return (x.view(s.n, -1, 4) * mask).view(s.n, s.k)
+        return random_24(s.n, s.k, self.device, self.dtype, self.seeds[name])
 
     def __iter__(self):
         return iter(self.specs)

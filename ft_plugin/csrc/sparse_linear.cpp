@@ -173,10 +173,8 @@ class SparseWeight : public torch::CustomClassHolder {
 
   // Run cusparseLtMatmulSearch for this padded M; returns {alg_id, split_k} and keeps them for the bucket.
   std::vector<int64_t> search_impl(int64_t m) {
-    TORCH_CHECK(tuned_, "esparse: the loaded cuSPARSELt ", cslt().major, ".", cslt().minor, ".", cslt().patch,
-                " cannot reuse a searched algorithm across plans; esparse runs its default algorithm. For tuned "
-                "algorithms install 0.10: python -m pip install --target ~/.local/share/esparse/cusparselt "
-                "nvidia-cusparselt-cu13==0.10.0");
+    TORCH_CHECK(tuned_, "esparse: search needs cuSPARSELt 0.10 or newer (the loaded ", cslt().major, ".",
+                cslt().minor, ".", cslt().patch, " runs its default algorithm); see esparse install-cusparselt");
     c10::cuda::CUDAGuard guard(device_);
     const int64_t m_pad = pad_rows(std::max<int64_t>(m, 1));
     auto p = make_plan(m_pad, nullptr, kNone, /*use_algo=*/false);
