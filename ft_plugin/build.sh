@@ -2,7 +2,7 @@
 # The one command line that compiles and links libesparse_ft_plugin.so (CMake runs it; it also runs alone):
 #   PY=.venv/bin/python bash ft_plugin/build.sh OUT.so [CUSPARSELT_INCLUDE_DIR] [CUBLASLT_LIB]
 # torch's own extension flags (its include folders, C++20, its C++ ABI, -O2), torch's libraries by name, cudart,
-# cuBLASLt and libdl; no -DNDEBUG, no -soname, no strip, RPATH = torch's library folder. This exact build is the
+# cuBLASLt, libdl and the shared libstdc++ (named, checked after the link); no -DNDEBUG, no -soname, no strip, RPATH = torch's library folder. This exact build is the
 # one whose C++ errors were seen to reach Python on the H200 image, where a plugin built through CMake targets
 # crashed on every throw (docs/gpu_path.md), so nothing else is added to it.
 set -euo pipefail
@@ -31,5 +31,14 @@ inc=$(echo "$inc" | sed 's/^/-I/; s/,/ -I/g')
 ${CXX:-g++} -shared -fPIC -O2 -std=c++20 -D_GLIBCXX_USE_CXX11_ABI="$abi" $inc -I"$cslt" -I"$cuda/include" \
   "$here/csrc/cusparselt_api.cpp" "$here/csrc/sparse_linear.cpp" "$here/csrc/dense_linear.cpp" \
   -L"$libdir" -lc10 -lc10_cuda -ltorch -ltorch_cpu -ltorch_cuda -L"$cuda/lib64" -lcudart "${cublas_link[@]}" -ldl \
-  -Wl,-rpath,"$libdir" -o "$out"
+  -Wl,-Bdynamic -l:libstdc++.so.6 -Wl,-rpath,"$libdir" -o "$out.tmp"
+# The C++ runtime must be the process's shared one: on the GPU image the compiler's implicit -lstdc++ pulled
+# pieces of the static libstdc++ into the plugin, whose iostreams had no locale, so every error message with a
+# number in it crashed the process (address 0x20 in std::ostream::_M_insert<long>; docs/gpu_path.md).
+if nm -D --defined-only "$out.tmp" | grep -qE ' (T|W) (__cxa_throw|_ZNSo9_M_insertIlEERSoT_)$'; then
+  echo "esparse: $out would carry its own copy of libstdc++ (linked statically); install the compiler's" \
+       "libstdc++ development files (libstdc++-dev) so that -lstdc++ finds libstdc++.so" >&2
+  rm -f "$out.tmp"; exit 1
+fi
+mv "$out.tmp" "$out"
 echo "built $out"
