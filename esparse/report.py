@@ -10,15 +10,31 @@ from pathlib import Path
 import torch
 
 
-def environment() -> dict:
-    """Where a number was measured: device, torch, commit."""
+def _run(cmd: list[str], cwd: Path | None = None) -> str:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent).stdout.strip()
-    except OSError:
-        commit = ""
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86_64'})"
-    return {"device": dev, "torch": torch.__version__, "commit": commit}
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def environment() -> dict:
+    """Where a number was measured: device (with driver and clocks on a GPU), torch and CUDA, the commit
+    (with "-dirty" when the tree had uncommitted changes, so a number is never pinned to the wrong code)."""
+    here = Path(__file__).resolve().parent
+    commit = _run(["git", "rev-parse", "--short", "HEAD"], here)
+    if commit and _run(["git", "status", "--porcelain", "--untracked-files=no"], here):
+        commit += "-dirty"
+    env = {"device": f"CPU ({platform.processor() or platform.machine()})", "torch": torch.__version__,
+           "python": platform.python_version(), "commit": commit}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(torch.cuda.current_device())
+        env.update(device=torch.cuda.get_device_name(), compute_capability=f"sm_{p.major}{p.minor}",
+                   cuda=torch.version.cuda)
+        smi = _run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem,power.limit",
+                    "--format=csv,noheader", "-i", str(torch.cuda.current_device())])
+        if smi:
+            env["nvidia_smi"] = "driver, max SM clock, max memory clock, power limit: " + smi
+    return env
 
 
 def format_table(header: list[str], rows: list[list]) -> str:

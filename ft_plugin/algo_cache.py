@@ -73,7 +73,7 @@ def parse(text: str, where: str = "gemm cache") -> dict[Key, tuple[int, int]]:
                 raise ValueError
             gpu, version, dtype = parts[:3]
             mb, n, k, alg, split = map(int, parts[3:])
-            if min(mb, n, k) < 1 or alg < 0 or split < 0:  # split-k 0: the search used none
+            if min(mb, n, k) < 1 or alg < 0 or split < -1:  # split-k 0 or -1: the search used none
                 raise ValueError
         except ValueError:
             log.warning("skipping malformed row %d of %s: %r", i, where, line[:120])

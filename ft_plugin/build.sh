@@ -2,9 +2,9 @@
 # The one command line that compiles and links libesparse_ft_plugin.so (CMake runs it; it also runs alone):
 #   PY=.venv/bin/python bash ft_plugin/build.sh OUT.so [CUSPARSELT_INCLUDE_DIR] [CUBLASLT_LIB]
 # torch's own extension flags (its include folders, C++20, its C++ ABI, -O2), torch's libraries by name, cudart,
-# cuBLASLt, libdl and the shared libstdc++ (named, checked after the link); no -DNDEBUG, no -soname, no strip, RPATH = torch's library folder. This exact build is the
-# one whose C++ errors were seen to reach Python on the H200 image, where a plugin built through CMake targets
-# crashed on every throw (docs/gpu_path.md), so nothing else is added to it.
+# cuBLASLt, libdl and the shared libstdc++ (named, and checked after the link: on the GPU image a static copy of
+# libstdc++ ended up inside the plugin and crashed every error message with a number in it; docs/gpu_path.md).
+# No -DNDEBUG, no -soname, no strip; RPATH = torch's library folder.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:?usage: build.sh OUT.so [CUSPARSELT_INCLUDE_DIR] [CUBLASLT_LIB]}

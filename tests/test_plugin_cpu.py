@@ -48,13 +48,20 @@ def test_foreign_cache_is_ignored_and_rewritten(tmp_path, caplog, content):
 
 
 @pytest.mark.parametrize("bad", ["H100 0.10.0 fp16 16 4096", "H100 0.10.0 fp8 16 1 1 1 1", "H100 0.10.0 fp16 x 1 1 1 1",
-                                 "H100 0.10.0 fp16 16 1 1 -1 1", "H100 0.10.0 fp16 16 1 1 1 -1"])
+                                 "H100 0.10.0 fp16 16 1 1 -1 1", "H100 0.10.0 fp16 16 1 1 1 -2"])
 def test_malformed_rows_are_skipped_and_the_rest_kept(tmp_path, caplog, bad):
     path = tmp_path / "algos.txt"
     path.write_text(HEADER + bad + "\nH100 0.10.0 fp16 16 4096 4096 3 1\n")
     with caplog.at_level(logging.WARNING):
         c = AlgoCache(path)
     assert c.rows == {K1: (3, 1)} and "malformed row 3" in caplog.text
+
+
+def test_split_k_minus_one_is_a_valid_row(tmp_path):
+    # cuSPARSELt 0.10 reports split-k -1 (not used) for most searched algorithms on the H200: such rows stay.
+    path = tmp_path / "algos.txt"
+    path.write_text(HEADER + "H100 0.10.0 fp16 16 4096 4096 39 -1\n")
+    assert AlgoCache(path).rows == {K1: (39, -1)}
 
 
 def test_failed_cache_write_warns_and_keeps_rows(tmp_path, caplog):

@@ -49,8 +49,9 @@ inline int64_t search_bucket(int64_t m_pad) {
 
 void check_sm80();
 
-// No exception ever leaves an esparse op: on the GPU image a C++ exception thrown across the op boundary was
-// seen to kill the process (segfault) instead of reaching Python. Each op runs its body under guarded(), which
+// No exception ever leaves an esparse op, so that one message format and one error type (EsparseError) reach
+// the user whatever failed, and a broken C++ runtime (docs/gpu_path.md: a static libstdc++ inside the plugin
+// crashed every message with a number) cannot turn into a torch traceback. Each op runs its body under guarded(), which
 // records the message here and returns a fallback (an undefined tensor = None in Python, an empty list,
 // false); the Python wrappers (ft_plugin/ops.py) turn that into an EsparseError with last_error().
 inline thread_local std::string g_last_error;

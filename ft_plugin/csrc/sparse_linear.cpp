@@ -199,7 +199,7 @@ class SparseWeight : public torch::CustomClassHolder {
   // Use (alg_id, split_k) for every padded M of this bucket; plans built before for it are rebuilt.
   void set_algo_impl(int64_t m, int64_t alg, int64_t split_k) {
     TORCH_CHECK(tuned_, "esparse: set_algo needs cuSPARSELt 0.10 or newer (the loaded one runs its default)");
-    TORCH_CHECK(alg >= 0 && split_k >= 0, "esparse: bad algorithm (", alg, ", split-k ", split_k, ")");
+    TORCH_CHECK(alg >= 0 && split_k >= -1, "esparse: bad algorithm (", alg, ", split-k ", split_k, ")");
     const int64_t bucket = search_bucket(pad_rows(std::max<int64_t>(m, 1)));
     std::lock_guard<std::mutex> lock(mu_);
     algos_[bucket] = {alg, split_k};
