@@ -8,7 +8,8 @@ from esparse.ft_plugin import ops  # noqa: F401  (loads the plugin)
 case = sys.argv[1]
 h = torch.float16
 if case == "info":  # error inside cusparselt_info: tuple fallback
-    print("info ->", torch.ops.esparse.cusparselt_info("/nonexistent/libcusparseLt.so.0"), torch.ops.esparse.last_error())
+    info = torch.ops.esparse.cusparselt_info("/nonexistent/libcusparseLt.so.0")
+    print("info ->", info, torch.ops.esparse.last_error())
 elif case == "build":  # error inside build: string fallback
     sw = torch.classes.esparse.SparseWeight()
     print("build ->", repr(sw.build(torch.ones(4, 4, device="cuda", dtype=h))))
