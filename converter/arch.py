@@ -1,4 +1,5 @@
-"""What esparse needs to know of each supported architecture: decoder layers and sharing groups (§7).
+"""Model helpers shared by pruning and export: head shapes, a checked linear lookup, and the family's view of
+a loaded HF model (its sharing groups and decoder layers; the descriptions themselves are in families.py).
 
 A sharing group is the set of linears that read one tensor. They share one channel permutation P, which
 is realised at no runtime cost: by the norm that writes their input (groups ``attn_in``/``mlp_in``), or by
@@ -13,27 +14,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import EsparseError
+from .families import Group, family_of
 
-
-@dataclass(frozen=True)
-class Group:
-    name: str  # attn_in | attn_out | mlp_in | mlp_out
-    linears: tuple[str, ...]  # module paths inside a decoder layer
-    per_head: bool = False  # P must stay inside each head (attention output)
-
-
-LLAMA_GROUPS = (
-    Group("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    Group("attn_out", ("self_attn.o_proj",), per_head=True),
-    Group("mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
-    Group("mlp_out", ("mlp.down_proj",)),
-)
-OPT_GROUPS = (
-    Group("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    Group("attn_out", ("self_attn.out_proj",), per_head=True),
-    Group("mlp_in", ("fc1",)),
-    Group("mlp_out", ("fc2",)),
-)
+__all__ = ["Group", "HeadShape", "decoder_base", "get_linear", "groups_of", "head_shape", "model_type"]
 
 
 @dataclass(frozen=True)
@@ -44,19 +27,16 @@ class HeadShape:
 
 
 def model_type(model: nn.Module) -> str:
-    mt = getattr(model.config, "model_type", None)
-    if mt not in ("llama", "opt"):
-        raise EsparseError(f"unsupported architecture {mt!r}: esparse supports LlamaForCausalLM, OPTForCausalLM")
-    return mt
+    return family_of(model).name
 
 
 def groups_of(model: nn.Module) -> tuple[Group, ...]:
-    return LLAMA_GROUPS if model_type(model) == "llama" else OPT_GROUPS
+    return family_of(model).groups
 
 
 def decoder_base(model: nn.Module) -> nn.Module:
     """The module that owns the ``layers`` list (LlamaModel, OPTDecoder)."""
-    return model.model if model_type(model) == "llama" else model.model.decoder
+    return family_of(model).decoder(model)
 
 
 def head_shape(config) -> HeadShape:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .arch import decoder_base, get_linear, groups_of, head_shape
 from .errors import EsparseError
+from .families import family, family_of
 from .fsutil import atomic_output_dir, check_output_dir, check_output_location
 from .ft_format import (
     DTYPE_NAMES,
@@ -73,15 +74,8 @@ def check_perms(perms: dict[str, torch.Tensor], model, src: Path) -> None:
 def ft_config_from_hf(config, tp: int, dtype: str, sparsity: str, method: str, permuted) -> FTConfig:
     arch = config.model_type
     heads = head_shape(config)
-    if arch == "opt":
-        if config.word_embed_proj_dim != config.hidden_size or not config.do_layer_norm_before:
-            raise EsparseError("OPT-350m-style models (project_in/out, post-LayerNorm) are not exported: "
-                               "use another OPT size")
-        inter, eps, theta = config.ffn_dim, 1e-5, 10000.0
-    else:
-        inter, eps = config.intermediate_size, config.rms_norm_eps
-        theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get(
-            "rope_theta", 10000.0)
+    shape = family(arch).hf_shape(config)
+    inter, eps, theta = shape["inter"], shape["eps"], shape["rope_theta"]
     return FTConfig(arch=arch, hidden=config.hidden_size, n_heads=heads.n_heads, n_kv=heads.n_kv,
                     head_dim=heads.head_dim, inter=inter, n_layers=config.num_hidden_layers,
                     vocab=config.vocab_size, max_pos=config.max_position_embeddings, eps=float(eps), tp=tp,
@@ -118,7 +112,8 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
     torch_dtype = DTYPE_NAMES[dtype]
     model = load_model(src, dtype=torch_dtype)
     check_perms(perms, model, Path(src))
-    arch = model.config.model_type
+    fam = family_of(model)
+    arch = fam.name
     sparsity = meta.get("pattern", "")
     permuted = sorted({k.split(".")[-1] for k in perms})
     cfg = ft_config_from_hf(model.config, tp, dtype, sparsity, meta.get("method", "dense"), permuted)
@@ -139,9 +134,9 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
         for name, (_, hf_key) in replicated_specs(cfg).items():
             t = state.get(hf_key)
             if hf_key == "lm_head.weight" and t is None:
-                t = state["model.embed_tokens.weight" if arch == "llama" else "model.decoder.embed_tokens.weight"]
+                t = state[fam.hf_embed]  # tied embeddings
             if name == "model.wpe":
-                t = t[2:]  # OPT's learned positions carry an offset of 2
+                t = t[fam.position_offset:]  # rows of HF's table before position 0 (OPT: 2)
             other += write_tensor(t.to(torch_dtype), folder / f"{name}.bin")
         layers = decoder_base(model).layers
         for i in tqdm(range(cfg.n_layers), desc="export", unit="layer"):
@@ -162,7 +157,7 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
                     else:
                         written_lin += write_tensor(wr.t(), folder / f"{spec.name}.{r}.bin")
                     if b is not None and spec.parallel == "col":
-                        other += write_tensor(rank_rows(b, spec, tp, r), folder / f"{spec.name[:-6]}bias.{r}.bin")
+                        other += write_tensor(rank_rows(b, spec, tp, r), folder / f"{spec.bias_name}.{r}.bin")
             for group, stem in perm_names(cfg, i).items():
                 if group in lp:
                     other += write_tensor(lp[group].to(torch.int32), folder / f"{stem}.bin")

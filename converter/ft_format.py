@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import EsparseError
+from .families import family
 from .nm_pack import row_meta_bytes
 
 FORMAT_VERSION = 1
@@ -57,7 +58,12 @@ class FTConfig:
 
     @property
     def section(self) -> str:
-        return "llama" if self.arch == "llama" else "gpt"
+        return family(self.arch).ft_section
+
+    def size(self, what: str) -> int:
+        """A width named in the family descriptions: hidden, inter, q (heads x head_dim), kv, vocab, max_pos."""
+        return {"hidden": self.hidden, "inter": self.inter, "q": self.n_heads * self.head_dim,
+                "kv": self.n_kv * self.head_dim, "vocab": self.vocab, "max_pos": self.max_pos}[what]
 
 
 @dataclass(frozen=True)
@@ -74,64 +80,38 @@ class LinearSpec:
     def n(self) -> int:
         return sum(self.segments)
 
+    @property
+    def bias_name(self) -> str:
+        """The FT name of its bias (``...query_key_value.bias``)."""
+        return self.name[: -len("weight")] + "bias"
+
 
 def linear_specs(cfg: FTConfig, layer: int) -> list[LinearSpec]:
     p = f"model.layers.{layer}."
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv * cfg.head_dim
-    attn = [
-        LinearSpec(p + "attention.query_key_value.weight", cfg.hidden, (q, kv, kv), "col", "attn_in",
-                   ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), cfg.arch == "opt"),
-        LinearSpec(p + "attention.dense.weight", q, (cfg.hidden,), "row", "attn_out",
-                   ("self_attn.o_proj" if cfg.arch == "llama" else "self_attn.out_proj",), cfg.arch == "opt"),
-    ]
-    if cfg.arch == "llama":
-        mlp = [
-            LinearSpec(p + "mlp.gate_proj.weight", cfg.hidden, (cfg.inter,), "col", "mlp_in", ("mlp.gate_proj",)),
-            LinearSpec(p + "mlp.up_proj.weight", cfg.hidden, (cfg.inter,), "col", "mlp_in", ("mlp.up_proj",)),
-            LinearSpec(p + "mlp.down_proj.weight", cfg.inter, (cfg.hidden,), "row", "mlp_out", ("mlp.down_proj",)),
-        ]
-    else:
-        mlp = [
-            LinearSpec(p + "mlp.dense_h_to_4h.weight", cfg.hidden, (cfg.inter,), "col", "mlp_in", ("fc1",), True),
-            LinearSpec(p + "mlp.dense_4h_to_h.weight", cfg.inter, (cfg.hidden,), "row", "mlp_out", ("fc2",), True),
-        ]
-    return attn + mlp
+    return [LinearSpec(f"{p}{f.stem}.weight", cfg.size(f.k), tuple(cfg.size(x) for x in f.segments), f.parallel,
+                       f.group, f.hf, f.bias) for f in family(cfg.arch).ft_linears]
 
 
 def replicated_specs(cfg: FTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     """Non-linear tensors: name -> (shape, HF state-dict key)."""
-    h = cfg.hidden
-    out: dict[str, tuple[tuple[int, ...], str]] = {}
-    if cfg.arch == "llama":
-        out["model.wte.weight"] = ((cfg.vocab, h), "model.embed_tokens.weight")
-        out["model.final_layernorm.weight"] = ((h,), "model.norm.weight")
-        for i in range(cfg.n_layers):
-            p, hp = f"model.layers.{i}.", f"model.layers.{i}."
-            out[p + "input_layernorm.weight"] = ((h,), hp + "input_layernorm.weight")
-            out[p + "post_attention_layernorm.weight"] = ((h,), hp + "post_attention_layernorm.weight")
-    else:
-        out["model.wte"] = ((cfg.vocab, h), "model.decoder.embed_tokens.weight")
-        out["model.wpe"] = ((cfg.max_pos, h), "model.decoder.embed_positions.weight")
-        out["model.final_layernorm.weight"] = ((h,), "model.decoder.final_layer_norm.weight")
-        out["model.final_layernorm.bias"] = ((h,), "model.decoder.final_layer_norm.bias")
-        for i in range(cfg.n_layers):
-            p, hp = f"model.layers.{i}.", f"model.decoder.layers.{i}."
-            for ft, hf in (("input_layernorm", "self_attn_layer_norm"),
-                           ("post_attention_layernorm", "final_layer_norm")):
-                out[p + ft + ".weight"] = ((h,), hp + hf + ".weight")
-                out[p + ft + ".bias"] = ((h,), hp + hf + ".bias")
-            out[p + "attention.dense.bias"] = ((h,), hp + "self_attn.out_proj.bias")
-            out[p + "mlp.dense_4h_to_h.bias"] = ((h,), hp + "fc2.bias")
-    out["model.lm_head.weight"] = ((cfg.vocab, h), "lm_head.weight")
+    fam = family(cfg.arch)
+    shape = lambda dims: tuple(cfg.size(d) for d in dims.split(" x "))
+    out = {name: (shape(dims), hf) for name, (dims, hf) in fam.ft_tensors.items()}
+    for i in range(cfg.n_layers):
+        for ft, hf in fam.ft_layer_tensors.items():
+            out[f"model.layers.{i}.{ft}"] = ((cfg.hidden,), f"{fam.decoder_path}.layers.{i}.{hf}")
+    out["model.lm_head.weight"] = ((cfg.vocab, cfg.hidden), "lm_head.weight")
     return out
 
 
 def perm_names(cfg: FTConfig, layer: int) -> dict[str, str]:
-    """group -> the perm file stem, named after the tensor its permutation applies to."""
-    p = f"model.layers.{layer}."
-    down = "mlp.down_proj" if cfg.arch == "llama" else "mlp.dense_4h_to_h"
-    return {"attn_in": p + "input_layernorm.perm", "attn_out": p + "attention.dense.perm",
-            "mlp_in": p + "post_attention_layernorm.perm", "mlp_out": p + down + ".perm"}
+    """group -> the perm file stem, named after the tensor its permutation applies to (the norm that writes
+    the group's input, or the row-parallel linear that reads it)."""
+    fam, p = family(cfg.arch), f"model.layers.{layer}."
+    return {"attn_in": p + fam.group_norm["attn_in"] + ".perm",
+            "attn_out": p + fam.ft_linear("attn_out", "row").stem + ".perm",
+            "mlp_in": p + fam.group_norm["mlp_in"] + ".perm",
+            "mlp_out": p + fam.ft_linear("mlp_out", "row").stem + ".perm"}
 
 
 def rank_rows(spec: LinearSpec, tp: int) -> int:
@@ -159,13 +139,16 @@ def expected_files(cfg: FTConfig) -> dict[str, int]:
                 else:
                     files[f"{spec.name}.{r}.bin"] = item * rows * k
                 if spec.bias and spec.parallel == "col":
-                    files[f"{spec.name[:-len('weight')]}bias.{r}.bin"] = item * rows
+                    files[f"{spec.bias_name}.{r}.bin"] = item * rows
         for group, stem in perm_names(cfg, i).items():
             if group in cfg.permuted:
-                k = cfg.hidden if group in ("attn_in", "mlp_in") else (
-                    cfg.n_heads * cfg.head_dim if group == "attn_out" else cfg.inter)
-                files[stem + ".bin"] = 4 * k
+                files[stem + ".bin"] = 4 * group_width(cfg, group)
     return files
+
+
+def group_width(cfg: FTConfig, group: str) -> int:
+    """Channels of a sharing group's input (the length of its permutation)."""
+    return cfg.size(next(f.k for f in family(cfg.arch).ft_linears if f.group == group))
 
 
 def _prod(shape) -> int:
@@ -198,11 +181,7 @@ def write_config(cfg: FTConfig, path: Path) -> None:
               "vocab_size": cfg.vocab, "start_id": cfg.start_id, "end_id": cfg.end_id,
               "weight_data_type": cfg.dtype, "tensor_para_size": cfg.tp, "max_pos_seq_len": cfg.max_pos,
               "layernorm_eps": cfg.eps}
-    if cfg.arch == "llama":
-        common.update(kv_head_num=cfg.n_kv, rotary_embedding=cfg.head_dim, rope_theta=cfg.rope_theta)
-    else:
-        common.update(layernorm_type="pre_layernorm", activation_type="Relu", has_post_decoder_layernorm=1,
-                      int8=0)
+    common.update(family(cfg.arch).ft_extra(cfg))
     cp[cfg.section] = {k: str(v) for k, v in common.items()}
     cp["esparse"] = {"format_version": str(FORMAT_VERSION), "arch": cfg.arch,
                      "sparsity": cfg.sparsity or "dense",
@@ -225,7 +204,7 @@ def read_config(path: Path) -> FTConfig:
             raise EsparseError(f"{path} has format_version {es['format_version']}; this esparse reads "
                                f"{FORMAT_VERSION}: re-export the model")
         arch = es["arch"]
-        sec = cp["llama" if arch == "llama" else "gpt"]
+        sec = cp[family(arch).ft_section]
         return FTConfig(
             arch=arch, hidden=int(sec.get("hidden_size", int(sec["head_num"]) * int(sec["size_per_head"]))),
             n_heads=int(sec["head_num"]), n_kv=int(sec.get("kv_head_num", sec["head_num"])),

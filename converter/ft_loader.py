@@ -133,7 +133,7 @@ def load_ft(path: Path, tp: int | None = None) -> FTWeights:
                 merged = _merge_rows(parts, spec, cfg.tp) if spec.parallel == "col" else torch.cat(parts, 1)
                 out.linears[spec.name] = merged.contiguous()
             if spec.bias and spec.parallel == "col":
-                bname = spec.name[: -len("weight")] + "bias"
+                bname = spec.bias_name
                 parts = [_read(folder / f"{bname}.{r}.bin", dt, (rows,)) for r in range(cfg.tp)]
                 out.biases[bname] = _merge_rows(parts, spec, cfg.tp)
         for group, stem in perm_names(cfg, i).items():

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from .errors import EsparseError
+from .families import FAMILIES
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = {"llama": "LlamaForCausalLM", "opt": "OPTForCausalLM"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -62,11 +62,11 @@ def read_model_type(model_dir: Path) -> str:
     if not isinstance(cfg, dict):
         raise EsparseError(f"{cfg_path} holds a JSON {type(cfg).__name__}, not an object: the config is corrupt")
     model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED:
+    if model_type not in FAMILIES:
         arch = cfg.get("architectures") or [model_type]
         raise EsparseError(
             f"unsupported architecture {arch[0]!r} in {model_dir}: esparse supports "
-            f"{', '.join(SUPPORTED.values())}"
+            f"{', '.join(f.hf_class for f in FAMILIES.values())}"
         )
     has_weights = any(model_dir.glob("*.safetensors")) or any(model_dir.glob("*.bin"))
     if not has_weights:

@@ -14,28 +14,12 @@ from __future__ import annotations
 import torch
 
 from .arch import HeadShape
-
-LLAMA_LINEARS = {
-    "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "attn_out": ("self_attn.o_proj",),
-    "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
-    "mlp_out": ("mlp.down_proj",),
-}
-OPT_LINEARS = {
-    "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "attn_out": ("self_attn.out_proj",),
-    "mlp_in": ("fc1",),
-    "mlp_out": ("fc2",),
-}
-# which linears produce each permuted input (their output rows are permuted instead of a gather)
-PRODUCERS = {
-    "llama": {"attn_out": ("self_attn.v_proj",), "mlp_out": ("mlp.gate_proj", "mlp.up_proj")},
-    "opt": {"attn_out": ("self_attn.v_proj",), "mlp_out": ("fc1",)},
-}
+from .families import family
 
 
 def linears_of(arch: str) -> dict[str, tuple[str, ...]]:
-    return LLAMA_LINEARS if arch == "llama" else OPT_LINEARS
+    """group -> the HF linears (layer-local paths) that read it, from the family description."""
+    return family(arch).linears_of_group()
 
 
 def kv_row_perm(perm_b: torch.Tensor, heads: HeadShape) -> torch.Tensor:
@@ -60,11 +44,11 @@ def serving_layer(
         perm = perm.long()
         for name in lin[group]:
             out[f"{name}.weight"] = out[f"{name}.weight"][:, perm]
-        if group in ("attn_in", "mlp_in"):
+        if group in family(arch).group_norm:
             norm_perm[group] = perm
             continue
         rows = kv_row_perm(perm, heads) if group == "attn_out" else perm
-        for name in PRODUCERS[arch][group]:
+        for name in family(arch).producers[group]:
             out[f"{name}.weight"] = out[f"{name}.weight"][rows]
             if f"{name}.bias" in out:
                 out[f"{name}.bias"] = out[f"{name}.bias"][rows]

@@ -25,6 +25,7 @@ def cmd_tune(args) -> None:
     import torch
 
     from esparse.converter.errors import EsparseError
+    from esparse.converter.families import family
     from esparse.converter.ft_loader import load_ft
 
     if not torch.cuda.is_available():
@@ -49,9 +50,10 @@ def cmd_tune(args) -> None:
     for name in layer0:
         d = w.dense(name)
         shapes.setdefault(tuple(d.shape), d)
-    if w.cfg.arch == "llama":  # the runtime fuses gate and up into one GEMM
-        gate = w.dense("model.layers.0.mlp.gate_proj.weight")
-        fused = torch.cat([gate, w.dense("model.layers.0.mlp.up_proj.weight")])
+    fam = family(w.cfg.arch)
+    if fam.gated_mlp:  # the runtime fuses gate and up into one GEMM
+        gate, up = (f"model.layers.0.{f.stem}.weight" for f in fam.ft_linears if f.group == "mlp_in")
+        fused = torch.cat([w.dense(gate), w.dense(up)])
         shapes.setdefault(tuple(fused.shape), fused)
     for (n, k), dense in shapes.items():
         sw = ops.SparseWeight(dense.to("cuda", dtype))

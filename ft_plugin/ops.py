@@ -80,8 +80,8 @@ class SparseWeight:
         if major < 8:
             raise EsparseError(f"{torch.cuda.get_device_name(weight.device)} (sm_{major}x) has no sparse tensor "
                                "cores; use the dense path (--dense)")
-        # Validated here, not only in C++: an exception thrown from the op's constructor was seen to crash the
-        # process (segfault on the H200 image), so the C++ checks stay as a backstop that never fires.
+        # Validated here too, so that the message names the fix (prune it, or keep the layer dense); the C++
+        # check stays as the backstop for callers of the raw op.
         if not bool((weight.view(n, k // 4, 4) != 0).sum(-1).le(2).all()):
             raise EsparseError(f"weight [{n}, {k}] is not 2:4 sparse along its input dim; prune it "
                                "(esparse prune) or use the dense path")

@@ -82,8 +82,8 @@ def random_weights(shape: str, device, dtype=torch.float16, layers: int | None =
     for i in range(cfg.n_layers):
         for s in linear_specs(cfg, i):
             if s.bias:
-                w.biases[s.name[:-6] + "bias"] = torch.zeros(s.n, device=device, dtype=dtype)
-                w.tensors[s.name[:-6] + "bias"] = torch.zeros(s.n if s.parallel == "col" else spec["hidden"],
+                w.biases[s.bias_name] = torch.zeros(s.n, device=device, dtype=dtype)
+                w.tensors[s.bias_name] = torch.zeros(s.n if s.parallel == "col" else spec["hidden"],
                                                              device=device, dtype=dtype)
     return w
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esparse.converter.errors import EsparseError
+from esparse.converter.families import family
 from esparse.converter.ft_format import FTConfig, linear_specs, perm_names
 from esparse.converter.ft_loader import FTWeights, load_ft
 
@@ -78,7 +79,8 @@ class Layer(nn.Module):
     def __init__(self, cfg: FTConfig, w: FTWeights, i: int, backend: str, device, dtype):
         super().__init__()
         self.cfg = cfg
-        rms = cfg.arch == "llama"
+        fam = self.family = family(cfg.arch)
+        rms = fam.rms_norm
         p = f"model.layers.{i}."
         pn = perm_names(cfg, i)
         t = lambda x: None if x is None else x.to(device=device, dtype=dtype)
@@ -94,18 +96,20 @@ class Layer(nn.Module):
             weight = w.dense(name)
             if fuse_with is not None:  # gate and up read one input: one GEMM of 2x the rows
                 weight = torch.cat([weight, w.dense(specs[fuse_with].name)], 0)
-            bias = w.biases.get(name[: -len("weight")] + "bias") if specs[key].parallel == "col" else (
-                w.tensors.get(name[: -len("weight")] + "bias"))
+            bname = specs[key].bias_name  # column-parallel biases are split per rank, row-parallel ones are whole
+            bias = w.biases.get(bname) if specs[key].parallel == "col" else w.tensors.get(bname)
             return make_linear(t(weight), t(bias), backend, relu)
 
         self.qkv = lin("attention.query_key_value.weight")
         self.o = lin("attention.dense.weight")
-        if cfg.arch == "llama":
-            self.gate_up = lin("mlp.gate_proj.weight", fuse_with="mlp.up_proj.weight")
-            self.down = lin("mlp.down_proj.weight")
+        up = [f.stem + ".weight" for f in fam.ft_linears if f.group == "mlp_in"]
+        down = fam.ft_linear("mlp_out", "row").stem + ".weight"
+        if fam.gated_mlp:  # gate and up read one input: one GEMM of 2x the rows
+            self.gate_up = lin(up[0], fuse_with=up[1])
+            self.down = lin(down)
         else:
-            self.fc1 = lin("mlp.dense_h_to_4h.weight", relu=True)
-            self.fc2 = lin("mlp.dense_4h_to_h.weight")
+            self.fc1 = lin(up[0], relu=True)
+            self.fc2 = lin(down)
 
     def forward(self, x, cos, sin, cache: KVCache, i: int, slot: torch.Tensor, mask, attend: int | None):
         cfg = self.cfg
@@ -130,7 +134,7 @@ class Layer(nn.Module):
             att = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=nkv != nh)
         x = x + self.o(att.transpose(1, 2).reshape(b, t, nh * d))
         h = self.mlp_norm(x)
-        if cfg.arch == "llama":
+        if self.family.gated_mlp:
             gate, up = self.gate_up(h).chunk(2, dim=-1)
             return x + self.down(F.silu(gate) * up)
         return x + self.fc2(self.fc1(h))
@@ -142,17 +146,18 @@ class Decoder(nn.Module):
     def __init__(self, w: FTWeights, device="cpu", dtype=torch.float16, backend: str = "torch"):
         super().__init__()
         cfg = self.cfg = w.cfg
+        fam = self.family = family(cfg.arch)
         self.backend, self.device, self.dtype = backend, torch.device(device), dtype
         self._graphs: dict[tuple[int, int], tuple[KVCache, GraphDecodeStep]] = {}
         t = lambda x: x.to(device=device, dtype=dtype)
-        self.register_buffer("wte", t(w.tensors["model.wte.weight" if cfg.arch == "llama" else "model.wte"]))
-        self.register_buffer("wpe", t(w.tensors["model.wpe"]) if cfg.arch == "opt" else None)
+        self.register_buffer("wte", t(w.tensors[fam.ft_embed]))
+        self.register_buffer("wpe", None if fam.rotary else t(w.tensors["model.wpe"]))
         self.layers = nn.ModuleList(Layer(cfg, w, i, backend, device, dtype) for i in range(cfg.n_layers))
         self.final_norm = Norm(t(w.tensors["model.final_layernorm.weight"]),
-                               t(w.tensors["model.final_layernorm.bias"]) if cfg.arch == "opt" else None,
-                               cfg.eps, cfg.arch == "llama", None)
+                               None if fam.rms_norm else t(w.tensors["model.final_layernorm.bias"]),
+                               cfg.eps, fam.rms_norm, None)
         self.register_buffer("lm_head", t(w.tensors["model.lm_head.weight"]))
-        if cfg.arch == "llama":
+        if fam.rotary:
             inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
             self.register_buffer("inv_freq", inv.to(device))
 
@@ -172,7 +177,7 @@ class Decoder(nn.Module):
         return KVCache.empty(self.cfg, batch, max_len, self.device, self.dtype)
 
     def _rope(self, pos: torch.Tensor):
-        if self.cfg.arch != "llama":
+        if not self.family.rotary:
             return None, None
         freqs = pos[..., None].float() * self.inv_freq  # [B, T, d/2]
         emb = torch.cat([freqs, freqs], -1)[:, None]  # [B, 1, T, d]
