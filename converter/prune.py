@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import Group, decoder_base, get_linear, groups_of, head_shape
+from .defaults import ESPARSE_DEFAULTS
 from .masks import nm_mask
 from .scores import MetricConfig, channel_factor, importance
 from .shuffle import shuffle
@@ -33,8 +34,8 @@ class PruneConfig:
     n: int = 2
     m: int = 4
     metric: MetricConfig = field(default_factory=MetricConfig)
-    gns: str | None = "serpentine"  # None: no global shuffle
-    lbs: bool = True
+    gns: str | None = "preset"  # serpentine | round_robin | None (no global shuffle); "preset": the method's
+    lbs: bool | None = None  # local block shuffle; None: the method's preset (on for E-Sparse only)
     block: int = 64
     iters: int = 100
     batch_size: int = 8  # calibration windows per forward call
@@ -48,11 +49,15 @@ class PruneConfig:
         SparseGPT) without; ``overrides`` replace any field (``alpha=`` etc. go to the metric)."""
         metric_keys = {"alpha", "estimator", "combine"}
         metric = MetricConfig(method, **{k: overrides.pop(k) for k in list(overrides) if k in metric_keys})
-        es = method == "esparse"
-        return cls(**{"n": n, "m": m, "metric": metric, "gns": "serpentine" if es else None, "lbs": es,
-                      **overrides})
+        return cls(n=n, m=m, metric=metric, **overrides)
 
     def __post_init__(self) -> None:
+        # The shuffles are E-Sparse's; a baseline metric given without them runs as published (no shuffles).
+        es = self.metric.method == "esparse"
+        if self.gns == "preset":
+            object.__setattr__(self, "gns", ESPARSE_DEFAULTS["gns"] if es else None)
+        if self.lbs is None:
+            object.__setattr__(self, "lbs", es)
         if self.metric.updates_weights and self.shuffles:
             raise ValueError("SparseGPT prunes in the original channel order: use gns=None, lbs=False")
 

@@ -53,25 +53,21 @@ def _add_prune(sub) -> None:
 
 
 def build_prune_config(args) -> PruneConfig:  # noqa: F821
-    from esparse.converter.defaults import ESPARSE_DEFAULTS
     from esparse.converter.masks import parse_pattern
     from esparse.converter.prune import PruneConfig
-    from esparse.converter.scores import MetricConfig
 
     n, m = parse_pattern(args.pattern)
-    is_es = args.method == "esparse"
-    metric = MetricConfig(
-        method=args.method,
-        alpha=args.alpha if args.alpha is not None else ESPARSE_DEFAULTS["alpha"],
-        estimator=args.entropy or ESPARSE_DEFAULTS["estimator"],
-        combine=args.combine or ESPARSE_DEFAULTS["combine"],
-    )
-    gns = args.gns or (ESPARSE_DEFAULTS["gns"] if is_es else "off")
-    lbs = (args.lbs or ("on" if is_es else "off")) == "on"
+    over: dict = {"block": args.block, "iters": args.iters, "batch_size": args.batch_size}
+    for key, value in (("alpha", args.alpha), ("estimator", args.entropy), ("combine", args.combine)):
+        if value is not None:
+            over[key] = value
+    if args.gns:
+        over["gns"] = None if args.gns == "off" else args.gns
+    if args.lbs:
+        over["lbs"] = args.lbs == "on"
     if args.no_shuffle:
-        gns, lbs = "off", False
-    return PruneConfig(n=n, m=m, metric=metric, gns=None if gns == "off" else gns, lbs=lbs,
-                       block=args.block, iters=args.iters, batch_size=args.batch_size)
+        over.update(gns=None, lbs=False)
+    return PruneConfig.for_method(args.method, n, m, **over)
 
 
 def cmd_prune(args) -> None:

@@ -172,3 +172,13 @@ def test_method_presets():
     assert (wanda.n, wanda.m, wanda.gns, wanda.lbs, wanda.metric.method) == (4, 8, None, False, "wanda")
     assert PruneConfig.for_method("esparse", alpha=0.25, block=32).metric.alpha == 0.25
     assert not PruneConfig.for_method("sparsegpt").shuffles
+
+
+def test_shuffles_follow_the_method_unless_given():
+    # a baseline metric without explicit shuffles runs as published; E-Sparse gets GNS + LBS
+    assert not PruneConfig(metric=MetricConfig("wanda")).shuffles
+    assert not PruneConfig.for_method("magnitude").shuffles
+    es = PruneConfig()
+    assert es.gns == "serpentine" and es.lbs
+    assert PruneConfig(metric=MetricConfig("wanda"), gns="serpentine").gns == "serpentine"
+    assert PruneConfig.for_method("esparse", lbs=False).gns == "serpentine"

@@ -66,7 +66,8 @@ def test_pipeline_sparsegpt_prunes_24_and_refuses_shuffles(llama_dir, calib_file
     from esparse.converter.text import calibration_windows, read_documents
 
     with pytest.raises(ValueError, match="gns=None"):
-        PruneConfig(2, 4, MetricConfig("sparsegpt"))
+        PruneConfig(2, 4, MetricConfig("sparsegpt"), gns="serpentine")
+    assert not PruneConfig(2, 4, MetricConfig("sparsegpt")).shuffles  # the preset: no shuffles
     model = load_model(llama_dir, dtype=torch.float32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calib = calibration_windows(load_tokenizer(llama_dir), read_documents(calib_file), 4, 32, seed=0)
