@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from esparse.converter.ft_export import export_folder
-from esparse.converter.pipeline import FORMAT_VERSION, META_FILE
+from esparse.format.pruned import META_FILE, PRUNED_FORMAT_VERSION
 from esparse.report import environment, format_table, write_json
 
 
@@ -53,7 +53,8 @@ def make_hf_folder(out: Path, layers: int) -> None:
         sd[p + "input_layernorm.weight"] = torch.ones(h).half()
         sd[p + "post_attention_layernorm.weight"] = torch.ones(h).half()
     save_file(sd, str(out / "model.safetensors"))
-    (out / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, "pattern": "2:4", "method": "random"}))
+    meta = {"format_version": PRUNED_FORMAT_VERSION, "pattern": "2:4", "method": "random"}
+    (out / META_FILE).write_text(json.dumps(meta))
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import EsparseError
-from .families import Group, family_of
+from esparse.errors import EsparseError
+from esparse.format.families import Group, family_of
 
 __all__ = ["Group", "HeadShape", "decoder_base", "get_linear", "groups_of", "head_shape", "model_type"]
 

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import EsparseError
+from esparse.errors import EsparseError
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:

@@ -14,11 +14,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .arch import decoder_base, get_linear, groups_of, head_shape
-from .errors import EsparseError
-from .families import family, family_of
-from .fsutil import atomic_output_dir, check_output_dir, check_output_location
-from .ft_format import (
+from esparse.errors import EsparseError
+from esparse.format.families import family, family_of
+from esparse.format.ft_format import (
     DTYPE_NAMES,
     FTConfig,
     LinearSpec,
@@ -30,9 +28,13 @@ from .ft_format import (
     write_checksums,
     write_config,
 )
-from .model_io import copy_tokenizer_files, is_gguf, load_model, load_tokenizer
-from .nm_pack import pack_nm
-from .pipeline import PERMS_FILE, read_prune_meta
+from esparse.format.nm_pack import pack_nm
+from esparse.format.pruned import PERMS_FILE, read_prune_meta
+from esparse.format.tokenizer import copy_tokenizer_files
+
+from .arch import decoder_base, get_linear, groups_of, head_shape
+from .fsutil import atomic_output_dir, check_output_dir, check_output_location
+from .model_io import is_gguf, load_model, load_tokenizer
 from .serving import serving_layer
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import EsparseError
+from esparse.errors import EsparseError
+
 from .fsutil import atomic_output_dir, check_output_dir, check_output_location
 
 log = logging.getLogger(__name__)

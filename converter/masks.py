@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import EsparseError
+from esparse.errors import EsparseError
 
 
 def parse_pattern(text: str) -> tuple[int, int]:

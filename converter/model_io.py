@@ -8,37 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import EsparseError
-from .families import FAMILIES
+from esparse.errors import EsparseError
+from esparse.format.families import FAMILIES
+from esparse.format.tokenizer import copy_tokenizer_files, load_folder_tokenizer
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "generation_config.json",
-    "chat_template.jinja",
-)
 
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None or name == "auto":
-        return None
-    if name not in DTYPES:
-        raise EsparseError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def is_gguf(path: Path) -> bool:
@@ -106,16 +87,6 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str =
     return model.to(device)
 
 
-def check_no_outside_links(folder: Path) -> None:
-    """Refuse files of a model folder that are links leading outside it: esparse would read (and copy into
-    its outputs) whatever they point at."""
-    root = Path(folder).resolve()
-    for f in Path(folder).iterdir():
-        if f.is_symlink() and root not in f.resolve().parents:
-            raise EsparseError(f"{f} is a symbolic link to {f.resolve()}, outside the model folder; esparse reads "
-                               "only files inside it: replace the link by the file itself")
-
-
 def load_tokenizer(path: str | Path):
     """The tokenizer of a HF folder, or the one embedded in a GGUF file."""
     from transformers import AutoTokenizer
@@ -123,33 +94,12 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise EsparseError(f"{path} does not exist")
-    if path.is_dir():
-        check_no_outside_links(path)
     if is_gguf(path):
         from .gguf_io import require_gguf
 
         require_gguf()
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # a corrupt config/tokenizer file surfaces as any error type
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise EsparseError(f"cannot load a tokenizer from {path} ({type(e).__name__}: {first}); its tokenizer or "
-                           "config files are corrupt") from e
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """Copy the tokenizer (and generation config) files of a HF folder, whichever of them exist.
-
-    Only regular files inside the folder are copied: a symbolic link is refused, so a hostile model folder
-    cannot make esparse copy a file from elsewhere (a private key) into an output the user may publish."""
-    for name in TOKENIZER_FILES:
-        f = Path(src) / name
-        if f.is_symlink():
-            raise EsparseError(f"{f} is a symbolic link; esparse copies only regular files from a model folder: "
-                               "replace the link by the file itself")
-        if f.is_file():
-            shutil.copyfile(f, Path(dst) / name, follow_symlinks=False)
+    return load_folder_tokenizer(path)
 
 
 def save_hf_folder(model: nn.Module, tokenizer_src: Path | None, out: Path, tokenizer=None) -> None:

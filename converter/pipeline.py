@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from esparse.devices import resolve_device
+from esparse.errors import EsparseError
+from esparse.format.pruned import META_FILE, PERMS_FILE, PRUNED_FORMAT_VERSION
 
 from .arch import decoder_base, get_linear, groups_of
-from .errors import EsparseError
 from .fsutil import atomic_output_dir, check_output_dir, check_output_location
 from .model_io import check_model_path, is_gguf, load_model, load_tokenizer, save_hf_folder
 from .prune import PruneConfig, PruneResult, prune_model, summary_table
@@ -26,9 +29,6 @@ from .text import calibration_windows, read_documents
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-META_FILE = "esparse.json"
-PERMS_FILE = "esparse_perms.safetensors"
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,6 @@ class CalibConfig:
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EsparseError("--device cuda was asked for but torch sees no CUDA GPU: use --device cpu")
-    return torch.device(name)
 
 
 def source_dtype(model_path: Path) -> torch.dtype:
@@ -100,7 +92,7 @@ def prune_checkpoint(
     elapsed = time.perf_counter() - t0
     log.info("pruned in %.1f s\n%s", elapsed, summary_table(result))
     meta = {
-        "format_version": FORMAT_VERSION,
+        "format_version": PRUNED_FORMAT_VERSION,
         "source": str(model_path),
         "arch": model.config.model_type,
         "pattern": f"{cfg.n}:{cfg.m}",
@@ -123,19 +115,3 @@ def prune_checkpoint(
         save_file({k: v.contiguous() for k, v in result.perms.items()}, str(tmp / PERMS_FILE))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return result
-
-
-def read_prune_meta(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    """(esparse.json, permutations) of a pruned folder, or None for a plain dense HF folder."""
-    meta_path = Path(folder) / META_FILE
-    if not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise EsparseError(f"{meta_path} is not valid JSON: re-run esparse prune") from e
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise EsparseError(f"{meta_path} has format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-    perms_path = Path(folder) / PERMS_FILE
-    perms = load_file(str(perms_path)) if perms_path.is_file() else {}
-    return meta, perms

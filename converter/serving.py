@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from esparse.format.families import family
+
 from .arch import HeadShape
-from .families import family
 
 
 def linears_of(arch: str) -> dict[str, tuple[str, ...]]:

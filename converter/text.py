@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import EsparseError
+from esparse.errors import EsparseError
 
 _DOC_TAG = re.compile(r"<doc[^>]*>|</doc>")
 

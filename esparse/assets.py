@@ -20,8 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from esparse.converter.errors import EsparseError
-from esparse.converter.ft_format import file_sha256 as sha256
+from esparse.errors import EsparseError
+from esparse.format.ft_format import file_sha256 as sha256
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The ``esparse`` command line: prune, ppl, export, convert-gguf, generate, bench, tune, demo.
+"""The ``esparse`` command line, every subcommand: prune, ppl, convert-gguf, export, generate, bench, tune, env,
+install-cusparselt, demo. Each command function is thin: it parses nothing itself and calls one library function.
 
 Every subcommand turns an :class:`EsparseError` into one clear line on stderr and exit code 2; anything
 else is a bug and keeps its traceback.
@@ -10,12 +11,15 @@ import argparse
 import logging
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from esparse import argtypes as at
-from esparse.converter.errors import EsparseError
+from esparse import demo
+from esparse.devices import DTYPES, parse_dtype, resolve_device
+from esparse.errors import EsparseError
 
 if TYPE_CHECKING:
     from esparse.converter.prune import PruneConfig
@@ -93,8 +97,7 @@ def _add_ppl(sub) -> None:
 def cmd_ppl(args) -> None:
     import torch
 
-    from esparse.converter.model_io import load_model, load_tokenizer, parse_dtype
-    from esparse.converter.pipeline import resolve_device
+    from esparse.converter.model_io import load_model, load_tokenizer
     from esparse.converter.ppl import perplexity
     from esparse.converter.text import eval_windows, read_documents
 
@@ -123,6 +126,124 @@ def cmd_convert_gguf(args) -> None:
     print(f"wrote {args.out}")
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write FasterTransformer weight files (compressed N:M for pruned models)")
+    p.add_argument("model", type=Path, help="folder written by esparse prune, or a dense HF LLaMA/OPT folder / .gguf")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tp", type=int, default=1, choices=(1, 2, 4, 8), help="tensor-parallel size")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> None:
+    from esparse.converter.ft_export import export_folder
+
+    rep = export_folder(args.model, args.out, args.tp, args.dtype, args.overwrite)
+    print(rep.summary())
+    print(f"wrote {args.out}/{args.tp}-gpu")
+
+
+def _add_generate_bench(sub) -> None:
+    g = sub.add_parser("generate", help="generate text from an exported folder (or a HF folder / .gguf)")
+    g.add_argument("model", type=Path, help="folder written by esparse export; a HF folder or .gguf is exported first")
+    g.add_argument("--prompt", type=at.prompt, action="append", required=True, help="prompt text (repeat for a batch)")
+    path = g.add_mutually_exclusive_group()
+    path.add_argument("--sparse", action="store_true", help="2:4 linears on cuSPARSELt (GPU)")
+    path.add_argument("--dense", action="store_true", help="dense linears (default)")
+    g.add_argument("--max-new-tokens", type=at.int_at_least(1), default=64)
+    g.add_argument("--temperature", type=at.float_in(0.0), default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=at.float_in(0.0, 1.0, low_open=True), default=1.0)
+    g.add_argument("--seed", type=at.int_at_least(0), default=0)
+    g.add_argument("--device", type=at.device, default="auto")
+    g.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default fp16 on GPU, fp32 on CPU")
+    g.add_argument("--cuda-graph", action="store_true", help="replay decode steps from a CUDA graph")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="dense vs sparse side by side: prefill latency, decode tokens/s, memory")
+    b.add_argument("model", type=Path, nargs="?", help="exported 2:4 folder")
+    b.add_argument("--shape", choices=("llama-7b", "llama-13b", "opt-6.7b"), help="random weights of a model shape")
+    b.add_argument("--layers", type=at.int_at_least(1), default=None, help="override the number of layers (--shape)")
+    b.add_argument("--batches", type=at.int_list, default="1,4,16,64")
+    b.add_argument("--prompt-len", type=at.int_at_least(1), default=2048, help="prefill length")
+    b.add_argument("--decode-steps", type=at.int_at_least(1), default=64)
+    b.add_argument("--backends", default="dense,sparse", help="comma list of torch, dense, sparse")
+    b.add_argument("--no-cuda-graph", action="store_true")
+    b.add_argument("--out", type=Path, default=Path("results/bench"))
+    b.set_defaults(func=cmd_bench)
+
+
+def _ft_folder(model: Path, tmp: Path) -> Path:
+    """An exported folder for ``model``: itself, or a fresh export of a HF folder / .gguf."""
+    if (model / "config.ini").is_file() or any(model.glob("*-gpu/config.ini")):
+        return model
+    from esparse.converter.ft_export import export_folder
+
+    export_folder(model, tmp / "ft", tp=1, dtype="fp16")
+    return tmp / "ft"
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from esparse.converter.model_io import load_tokenizer
+    from esparse.python_api import load_decoder
+    from esparse.python_api.generate import generate
+
+    dev = resolve_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _ft_folder(args.model, Path(tmp))
+        tok = load_tokenizer(folder if (folder / "tokenizer_config.json").is_file() else args.model)
+        model = load_decoder(folder, device=str(dev), dtype=dtype, sparse=args.sparse)
+        prompts = [tok(p).input_ids for p in args.prompt]
+        outs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p,
+                        eos_id=tok.eos_token_id, pad_id=tok.pad_token_id or 0, seed=args.seed,
+                        cuda_graph=args.cuda_graph)
+    for p, o in zip(args.prompt, outs):
+        print(p + tok.decode(o, skip_special_tokens=True))
+        print("-" * 40)
+
+
+def cmd_bench(args) -> None:
+    from esparse.python_api.bench import run_bench
+
+    run_bench(args)
+
+
+def _add_plugin(sub) -> None:
+    p = sub.add_parser("tune", help="pre-search cuSPARSELt algorithms for every linear shape of an exported model")
+    p.add_argument("model", type=Path, help="exported 2:4 folder (esparse export)")
+    p.add_argument("--m", default="1,8,16,32,64,128,256,512,1024,2048,4096", help="token counts to tune")
+    p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
+    p.set_defaults(func=cmd_tune)
+    p = sub.add_parser("env", help="GPU, driver, torch, cuSPARSELt and plugin as this process sees them")
+    p.set_defaults(func=cmd_env)
+    p = sub.add_parser("install-cusparselt", help="pip-install cuSPARSELt 0.10 privately (tuned sparse GEMMs)")
+    p.add_argument("--target", type=Path, default=None, help="folder (default: esparse's data folder)")
+    p.set_defaults(func=cmd_install_cusparselt)
+
+
+def cmd_tune(args) -> None:
+    from esparse.ft_plugin.tools import tune_folder
+
+    print("\n".join(tune_folder(args.model, args.m, args.dtype)))
+
+
+def cmd_env(args) -> None:
+    from esparse.ft_plugin.tools import env_report
+
+    print("\n".join(env_report()))
+
+
+def cmd_install_cusparselt(args) -> None:
+    from esparse.ft_plugin import cusparselt
+
+    lib = cusparselt.install(args.target)
+    print(f"installed {lib}; esparse finds it there" + ("" if args.target is None else
+                                                         f" with ESPARSE_CUSPARSELT={args.target}"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = at.OneLineParser(
         prog="esparse",
@@ -131,17 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_prune, _add_ppl, _add_convert_gguf):
+    for add in (_add_prune, _add_ppl, _add_convert_gguf, _add_export, _add_generate_bench, _add_plugin,
+                demo.add_commands):
         add(sub)
-    for extra in ("esparse.converter.export_cli", "esparse.python_api.cli", "esparse.ft_plugin.cli",
-                  "esparse.demo"):
-        try:
-            mod = __import__(extra, fromlist=["add_commands"])
-        except ModuleNotFoundError as e:  # a part not built into this install
-            if not e.name or not extra.startswith(e.name):
-                raise
-            continue
-        mod.add_commands(sub)
     return parser
 
 

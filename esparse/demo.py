@@ -33,10 +33,11 @@ def run_demo(args) -> None:
     from esparse.assets import cache_dir, real_assets, smollm2_hf_dir
     from esparse.converter.ft_export import export_folder
     from esparse.converter.model_io import load_model, load_tokenizer
-    from esparse.converter.pipeline import CalibConfig, prune_checkpoint, resolve_device
+    from esparse.converter.pipeline import CalibConfig, prune_checkpoint
     from esparse.converter.ppl import perplexity
     from esparse.converter.prune import PruneConfig
     from esparse.converter.text import eval_windows, read_documents
+    from esparse.devices import resolve_device
     from esparse.python_api import load_decoder
     from esparse.python_api.generate import generate
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from esparse.converter.errors import EsparseError
+from esparse.errors import EsparseError
 
 log = logging.getLogger(__name__)
 

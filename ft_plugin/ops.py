@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from esparse.converter.errors import EsparseError
+from esparse.errors import EsparseError
 
 from . import build_info, cusparselt
 from .algo_cache import AlgoCache, gpu_key, search_bucket

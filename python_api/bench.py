@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from esparse.converter.errors import EsparseError
-from esparse.converter.ft_format import FTConfig, linear_specs, replicated_specs
-from esparse.converter.ft_loader import FTWeights, load_ft
+from esparse.errors import EsparseError
+from esparse.format.ft_format import FTConfig, linear_specs, replicated_specs
+from esparse.format.ft_loader import FTWeights, load_ft
 from esparse.report import environment, format_table
 
 from .model import Decoder, GraphDecodeStep, weight_bytes

@@ -1,6 +1,6 @@
 """The decoder runtime (LLaMA and OPT) over an exported FasterTransformer-layout folder.
 
-Data flows one way: ``load_decoder`` reads and validates the folder (converter.ft_loader), moves each
+Data flows one way: ``load_decoder`` reads and validates the folder (esparse.format.ft_loader), moves each
 tensor once to the device, and builds a :class:`Decoder` whose linears are all on one GEMM path. Channel
 permutations cost nothing extra: producers' rows were permuted at export, and each norm that feeds a
 permuted group gathers its input at P (norm statistics are permutation invariant) with its gain gathered
@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esparse.converter.errors import EsparseError
-from esparse.converter.families import family
-from esparse.converter.ft_format import FTConfig, linear_specs, perm_names
-from esparse.converter.ft_loader import FTWeights, load_ft
+from esparse.errors import EsparseError
+from esparse.format.families import family
+from esparse.format.ft_format import FTConfig, linear_specs, perm_names
+from esparse.format.ft_loader import FTWeights, load_ft
 
 from .linear import make_linear
 

@@ -1,7 +1,7 @@
 """Diagnostic: a C++ error inside an esparse op reaches Python as an EsparseError (not a crash)."""
 import torch
 
-from esparse.converter.errors import EsparseError
+from esparse.errors import EsparseError
 from esparse.ft_plugin import ops
 
 sw = ops.SparseWeight(torch.zeros(128, 256, device="cuda", dtype=torch.float16))

@@ -33,8 +33,8 @@ def test_bad_values_are_one_line_exit_2(argv, flag, capsys):
 
 
 def test_null_text_in_jsonl_is_refused(tmp_path):
-    from esparse.converter.errors import EsparseError
     from esparse.converter.text import read_documents
+    from esparse.errors import EsparseError
 
     f = tmp_path / "c.jsonl"
     f.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": None}) + "\n")

@@ -7,13 +7,13 @@ import torch
 
 from esparse.cli import main
 from esparse.converter.arch import decoder_base, head_shape
-from esparse.converter.errors import EsparseError
-from esparse.converter.ft_format import linear_specs
-from esparse.converter.ft_loader import load_ft
 from esparse.converter.masks import nm_mask
-from esparse.converter.nm_pack import PackedNM, pack_nm, unpack_nm
-from esparse.converter.pipeline import read_prune_meta
 from esparse.converter.serving import serving_layer
+from esparse.errors import EsparseError
+from esparse.format.ft_format import linear_specs
+from esparse.format.ft_loader import load_ft
+from esparse.format.nm_pack import PackedNM, pack_nm, unpack_nm
+from esparse.format.pruned import read_prune_meta
 
 
 def _reference_pack(w, n, m):
@@ -179,7 +179,7 @@ def test_bad_folders_give_clear_errors(tmp_path, calib_file, capsys):
 
 def test_llama7b_folder_size_ratio():
     """Bytes of a LLaMA-7B-shaped folder, from the same size table the writer and the loader check."""
-    from esparse.converter.ft_format import FTConfig, expected_files
+    from esparse.format.ft_format import FTConfig, expected_files
 
     base = dict(arch="llama", hidden=4096, n_heads=32, n_kv=32, head_dim=128, inter=11008, n_layers=32,
                 vocab=32000, max_pos=4096, eps=1e-6, dtype="fp16")

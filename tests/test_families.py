@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from esparse.cli import main
-from esparse.converter import families
-from esparse.converter.errors import EsparseError
-from esparse.converter.families import LLAMA, FTLinear, family
+from esparse.errors import EsparseError
+from esparse.format import families
+from esparse.format.families import LLAMA, FTLinear, family
 from esparse.python_api import load_decoder
 
 from helpers import make_tokenizer

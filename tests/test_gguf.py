@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from esparse.cli import main
-from esparse.converter.errors import EsparseError
 from esparse.converter.model_io import load_model
+from esparse.errors import EsparseError
 
 from gguf_writer import write_llama_gguf
 from helpers import make_model

@@ -99,7 +99,7 @@ def test_llama_7b_shapes_match_fp32():
 
 
 def test_non_24_weight_is_refused_cleanly():
-    from esparse.converter.errors import EsparseError
+    from esparse.errors import EsparseError
 
     ops = _ops()
     w = _weight_24(128, 256, torch.float16)
@@ -112,7 +112,7 @@ def test_non_24_weight_is_refused_cleanly():
 
 
 def test_bad_shapes_dtypes_devices_are_refused_cleanly():
-    from esparse.converter.errors import EsparseError
+    from esparse.errors import EsparseError
 
     ops = _ops()
     with pytest.raises(EsparseError, match="multiples of 16"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from esparse.cli import main
-from esparse.converter.nm_pack import pack_nm, unpack_nm
+from esparse.format.nm_pack import pack_nm, unpack_nm
 
 from helpers import save_model
 
@@ -102,8 +102,8 @@ def test_corrupt_packed_indices_are_refused_in_memory_and_on_disk(tmp_path, cali
     raw = bytearray(meta.read_bytes())
     raw[0] = 0b0000  # positions (0, 0) in the first group of row 0
     meta.write_bytes(bytes(raw))
-    from esparse.converter.errors import EsparseError
-    from esparse.converter.ft_loader import load_ft
+    from esparse.errors import EsparseError
+    from esparse.format.ft_loader import load_ft
 
     with pytest.raises(EsparseError, match="does not match its sha256"):  # the checksum catches it first
         load_ft(tmp_path / "ft")
@@ -206,9 +206,9 @@ def test_corrupt_model_files_are_one_clear_error(tmp_path, calib_file, damage, c
 
 
 def test_flipped_byte_in_an_exported_file_is_caught_at_load(tmp_path, calib_file):
-    from esparse.converter.errors import EsparseError
-    from esparse.converter.ft_format import CHECKSUMS_FILE
-    from esparse.converter.ft_loader import load_ft
+    from esparse.errors import EsparseError
+    from esparse.format.ft_format import CHECKSUMS_FILE
+    from esparse.format.ft_loader import load_ft
 
     src = save_model("llama", tmp_path / "src")
     assert _prune(src, calib_file, tmp_path / "p") == 0

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from esparse.converter.errors import EsparseError
 from esparse.converter.masks import is_nm_sparse, kept_score, nm_mask, parse_pattern
 from esparse.converter.scores import MetricConfig, channel_factor, importance
 from esparse.converter.stats import ChannelStats
+from esparse.errors import EsparseError
 
 
 def _stats(x: torch.Tensor, hist: bool = True, shared=False) -> ChannelStats:

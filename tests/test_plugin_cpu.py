@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from esparse.converter.errors import EsparseError
+from esparse.errors import EsparseError
 from esparse.ft_plugin import build_info
 from esparse.ft_plugin.algo_cache import HEADER, AlgoCache, pad_rows, search_bucket
 

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from esparse.cli import main
-from esparse.converter.errors import EsparseError
+from esparse.errors import EsparseError
 from esparse.python_api import load_decoder
 from esparse.python_api.generate import generate, sample
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .errors import EsparseError
+from esparse.errors import EsparseError
 
 GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 

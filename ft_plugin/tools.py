@@ -1,5 +1,4 @@
-"""Plugin commands: ``esparse tune`` (pre-search algorithms), ``esparse env`` (what a bug report needs),
-``esparse install-cusparselt`` (the tuned-capable cuSPARSELt into esparse's private folder)."""
+"""What the plugin commands do (esparse tune, esparse env); the command line itself is esparse/cli.py."""
 
 from __future__ import annotations
 
@@ -8,25 +7,14 @@ import platform
 from pathlib import Path
 
 
-def add_commands(sub) -> None:
-    p = sub.add_parser("tune", help="pre-search cuSPARSELt algorithms for every linear shape of an exported model")
-    p.add_argument("model", type=Path, help="exported 2:4 folder (esparse export)")
-    p.add_argument("--m", default="1,8,16,32,64,128,256,512,1024,2048,4096", help="token counts to tune")
-    p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
-    p.set_defaults(func=cmd_tune)
-    p = sub.add_parser("env", help="GPU, driver, torch, cuSPARSELt and plugin as this process sees them")
-    p.set_defaults(func=cmd_env)
-    p = sub.add_parser("install-cusparselt", help="pip-install cuSPARSELt 0.10 privately (tuned sparse GEMMs)")
-    p.add_argument("--target", type=Path, default=None, help="folder (default: esparse's data folder)")
-    p.set_defaults(func=cmd_install_cusparselt)
-
-
-def cmd_tune(args) -> None:
+def tune_folder(model: Path, m: str, dtype_name: str) -> list[str]:
+    """Search (and cache) the algorithm of every 2:4 linear shape of an exported folder at each token count
+    of ``m``; returns one line per shape."""
     import torch
 
-    from esparse.converter.errors import EsparseError
-    from esparse.converter.families import family
-    from esparse.converter.ft_loader import load_ft
+    from esparse.errors import EsparseError
+    from esparse.format.families import family
+    from esparse.format.ft_loader import load_ft
 
     if not torch.cuda.is_available():
         raise EsparseError("esparse tune needs a CUDA GPU with sparse tensor cores (sm_80 or newer)")
@@ -35,16 +23,16 @@ def cmd_tune(args) -> None:
     if not ops.CUSPARSELT.tuned:
         raise EsparseError(f"cuSPARSELt {ops.CUSPARSELT.version_str} runs its default algorithm only; nothing to "
                            f"tune. For tuned algorithms: {ops.cusparselt.install_command()}")
-    w = load_ft(args.model)
+    w = load_ft(model)
     if w.cfg.nm != (2, 4):
-        raise EsparseError(f"{args.model} is {w.cfg.sparsity or 'dense'}: tuning is for 2:4 models")
-    dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
+        raise EsparseError(f"{model} is {w.cfg.sparsity or 'dense'}: tuning is for 2:4 models")
+    dtype = torch.float16 if dtype_name == "fp16" else torch.bfloat16
     try:
-        ms = [int(v) for v in args.m.split(",")]
+        ms = [int(v) for v in m.split(",")]
     except ValueError:
-        raise EsparseError(f"--m takes comma-separated token counts, got {args.m!r}") from None
+        raise EsparseError(f"--m takes comma-separated token counts, got {m!r}") from None
     if not ms or min(ms) < 1:
-        raise EsparseError(f"--m token counts must be >= 1, got {args.m!r}")
+        raise EsparseError(f"--m token counts must be >= 1, got {m!r}")
     shapes: dict[tuple[int, int], torch.Tensor] = {}
     layer0 = [n for n in w.linears if n.startswith("model.layers.0.")]
     for name in layer0:
@@ -55,12 +43,14 @@ def cmd_tune(args) -> None:
         gate, up = (f"model.layers.0.{f.stem}.weight" for f in fam.ft_linears if f.group == "mlp_in")
         fused = torch.cat([w.dense(gate), w.dense(up)])
         shapes.setdefault(tuple(fused.shape), fused)
+    lines = []
     for (n, k), dense in shapes.items():
         sw = ops.SparseWeight(dense.to("cuda", dtype))
         for m in ms:
             sw.ensure_algo(m)
-        print(f"tuned N={n} K={k} for M in {ms}")
-    print(f"algorithms cached in {ops._cache.path}")
+        lines.append(f"tuned N={n} K={k} for M in {ms}")
+    lines.append(f"algorithms cached in {ops._cache.path}")
+    return lines
 
 
 def _driver_version() -> str:
@@ -105,15 +95,3 @@ def env_report() -> list[str]:
     copies = cusparselt.mapped_copies()
     lines.append(f"cuSPARSELt files mapped in this process: {', '.join(map(str, copies)) or 'none'}")
     return lines
-
-
-def cmd_env(args) -> None:
-    print("\n".join(env_report()))
-
-
-def cmd_install_cusparselt(args) -> None:
-    from esparse.ft_plugin import cusparselt
-
-    lib = cusparselt.install(args.target)
-    print(f"installed {lib}; esparse finds it there" + ("" if args.target is None else
-                                                         f" with ESPARSE_CUSPARSELT={args.target}"))

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import EsparseError
+from esparse.errors import EsparseError
+
 from .families import family
 from .nm_pack import row_meta_bytes
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import EsparseError
+from esparse.errors import EsparseError
+
 from .ft_format import (
     CHECKSUMS_FILE,
     FTConfig,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import EsparseError
+from esparse.errors import EsparseError
 
 
 def index_bits(m: int) -> int:

@@ -1,0 +1,27 @@
+"""The one place that turns user-given device and dtype names into torch objects (CLI, demo, runtime)."""
+
+from __future__ import annotations
+
+import torch
+
+from esparse.errors import EsparseError
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """fp16 | bf16 | fp32 -> the torch dtype; None or "auto" -> None (the caller's default)."""
+    if name is None or name == "auto":
+        return None
+    if name not in DTYPES:
+        raise EsparseError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """None or "auto": the GPU when torch sees one, else the CPU; a CUDA device torch cannot see is refused."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EsparseError("--device cuda was asked for but torch sees no CUDA GPU: use --device cpu")
+    return torch.device(name)

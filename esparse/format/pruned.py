@@ -1,0 +1,37 @@
+"""The pruned HF folder that `esparse prune` writes and `esparse export` reads: an ordinary Hugging Face folder
+(safetensors, config, tokenizer) plus ``esparse.json`` (what was done: pattern, method, settings, report) and
+``esparse_perms.safetensors`` (the channel permutation of each sharing group, ``layers.<i>.<group>``, int64,
+not yet applied to the weights). docs/format.md describes both files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from esparse.errors import EsparseError
+
+PRUNED_FORMAT_VERSION = 1
+META_FILE = "esparse.json"
+PERMS_FILE = "esparse_perms.safetensors"
+
+
+def read_prune_meta(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """(esparse.json, permutations) of a pruned folder, or None for a plain dense HF folder."""
+    from safetensors.torch import load_file
+
+    meta_path = Path(folder) / META_FILE
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise EsparseError(f"{meta_path} is not valid JSON: re-run esparse prune") from e
+    if not isinstance(meta, dict) or meta.get("format_version") != PRUNED_FORMAT_VERSION:
+        got = meta.get("format_version") if isinstance(meta, dict) else type(meta).__name__
+        raise EsparseError(f"{meta_path} has format_version {got}, expected {PRUNED_FORMAT_VERSION}: "
+                           "re-run esparse prune")
+    perms_path = Path(folder) / PERMS_FILE
+    perms = load_file(str(perms_path)) if perms_path.is_file() else {}
+    return meta, perms
