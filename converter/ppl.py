@@ -1,4 +1,5 @@
-"""Perplexity with the WikiText protocol (§9): one token stream, non-overlapping windows, batch 1."""
+"""Perplexity with the WikiText protocol (docs/method.md, "Perplexity"): one token stream, non-overlapping
+windows, batch 1."""
 
 from __future__ import annotations
 

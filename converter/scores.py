@@ -1,4 +1,4 @@
-"""Importance scores (higher = keep) for magnitude, Wanda and E-Sparse (§3 of the method doc).
+"""Importance scores (higher = keep) for magnitude, Wanda and E-Sparse (docs/method.md, "Scores").
 
 E-Sparse enriches Wanda's |W|*n with each input channel's information entropy. Additive form, scale-free
 across layers: xi_ij = |W_ij| * (n_j/mean(n) + alpha * H_j/mean(H)); at alpha = 0 it is Wanda up to one

@@ -1,4 +1,5 @@
-"""Physical (serving-order) weights from a pruned model and its permutations (§7, realisation b).
+"""Physical (serving-order) weights from a pruned model and its permutations (docs/method.md, "Sharing
+groups and permutations").
 
 The residual stream is never permuted. For each decoder layer:
 * ``attn_in`` P_A / ``mlp_in`` P_C: columns of q/k/v (gate/up, fc1) are taken at P; the norm that feeds

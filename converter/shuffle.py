@@ -1,4 +1,4 @@
-"""Channel shuffles that spread information-rich channels over different N:M groups (§5, §6).
+"""Channel shuffles that spread information-rich channels over different N:M groups (docs/method.md, "Shuffles").
 
 Both work on a batch of score matrices ``S[b]`` of shape [R, K] (R = stacked rows of every linear sharing
 one input; b = one matrix per kv head for the attention output, else 1) and return permutations P [B, K]:

@@ -1,11 +1,11 @@
 """Reading text files and turning them into token windows for calibration and perplexity.
 
-Calibration (§8 of the method doc): ``nsamples`` random windows of ``seqlen`` tokens, seeded. We draw them
+Calibration (docs/method.md, "Calibration"): ``nsamples`` random windows of ``seqlen`` tokens, seeded. We draw them
 from one token stream made of all documents joined with blank lines, rather than from single documents
 longer than seqlen as Wanda does with C4: the offline samples we have (C4 and Wikipedia excerpts from
 exllamav3) hold few documents longer than 2048 tokens, and a boundary inside a window costs nothing.
 
-Perplexity (§9): documents joined with "\\n\\n", tokenised once, non-overlapping windows, tail dropped.
+Perplexity (docs/method.md): documents joined with "\\n\\n", tokenised once, non-overlapping windows, tail dropped.
 """
 
 from __future__ import annotations
