@@ -68,7 +68,12 @@ def variants(group: str) -> dict[str, PruneConfig | None]:
         "esparse 2:4 block 128": P("esparse", block=128),
         "esparse 2:4 block 32": P("esparse", block=32),
     }
-    groups = {"main": main, "ablation": ablation, "entropy": entropy, "shuffle": shuffle}
+    refine = {  # mask refinement (no weight updates): swaps inside groups lowering each linear's output error
+        "wanda 2:4 + refine 64": P("wanda", refine=64),
+        "esparse 2:4 + refine 64": P("esparse", refine=64),
+        "esparse 2:4 + refine 256": P("esparse", refine=256),
+    }
+    groups = {"main": main, "ablation": ablation, "entropy": entropy, "shuffle": shuffle, "refine": refine}
     if group == "all":
         return {k: v for g in groups.values() for k, v in g.items()}
     out: dict = {}
@@ -101,7 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--wikitext", type=Path, required=True, help="path of wikitext-2 wiki.test.raw")
     ap.add_argument("--quick", action="store_true", help="small calibration and evaluation (CPU)")
-    ap.add_argument("--variants", default="main,ablation", help="main, ablation, entropy, shuffle or all")
+    ap.add_argument("--variants", default="main,ablation", help="main, ablation, entropy, shuffle, refine or all")
     ap.add_argument("--only", default=None, help="comma list of variant names to run (after --variants)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cache", default=None, help="asset cache (default $ESPARSE_CACHE or ~/.cache/esparse)")

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .arch import Group, decoder_base, get_linear, groups_of, head_shape
 from .defaults import ESPARSE_DEFAULTS
 from .masks import nm_mask
+from .refine import refine_nm_mask
 from .scores import MetricConfig, channel_factor, importance
 from .shuffle import shuffle
 from .sparsegpt import hessian_update, sparsegpt_nm_
@@ -42,6 +43,7 @@ class PruneConfig:
     bins: int = 256
     sparsegpt_block: int = 128  # columns per lazy-update block (SparseGPT only)
     sparsegpt_damp: float = 0.01  # dampening, fraction of mean(diag H) (SparseGPT only)
+    refine: int = 0  # mask refinement: at most this many kept/pruned swaps per row (0: off; converter/refine.py)
 
     @classmethod
     def for_method(cls, method: str, n: int = 2, m: int = 4, **overrides) -> PruneConfig:
@@ -58,8 +60,14 @@ class PruneConfig:
             object.__setattr__(self, "gns", ESPARSE_DEFAULTS["gns"] if es else None)
         if self.lbs is None:
             object.__setattr__(self, "lbs", es)
+        if self.refine < 0:
+            raise ValueError(f"refine is a number of swaps per row (>= 0), got {self.refine}")
+        if self.refine and self.metric.updates_weights:
+            raise ValueError("SparseGPT chooses its masks with weight updates: refine (--refine) is for magnitude, "
+                             "Wanda and E-Sparse")
         if self.metric.updates_weights and self.shuffles:
-            raise ValueError("SparseGPT prunes in the original channel order: use gns=None, lbs=False")
+            raise ValueError("SparseGPT prunes in the original channel order: no shuffles (gns=None, lbs=False; "
+                             "on the command line drop --gns/--lbs)")
 
     @property
     def shuffles(self) -> bool:
@@ -176,15 +184,21 @@ def _group_perm(scores: list[torch.Tensor], group: Group, heads, cfg: PruneConfi
     return perm, frac
 
 
-def _sparsegpt_layer(layer, groups, batches, cfg: PruneConfig, report: dict) -> None:
-    """One pass collects X X^T per sharing group (inputs of the dense layer), then each linear is pruned
-    and updated by SparseGPT (converter/sparsegpt.py)."""
+def _collect_grams(layer, groups, batches) -> dict[str, torch.Tensor]:
+    """X X^T (fp64) of each sharing group's input over all calibration tokens, from one pass of the layer."""
     hess: dict[str, torch.Tensor] = {}
 
     def add(g: Group, x: torch.Tensor) -> None:
         hess[g.name] = hessian_update(hess.get(g.name), x)
 
     _collect(layer, groups, batches, add)
+    return hess
+
+
+def _sparsegpt_layer(layer, groups, batches, cfg: PruneConfig, report: dict) -> None:
+    """One pass collects X X^T per sharing group (inputs of the dense layer), then each linear is pruned
+    and updated by SparseGPT (converter/sparsegpt.py)."""
+    hess = _collect_grams(layer, groups, batches)
     for g in groups:
         for path in g.linears:
             lin = get_linear(layer, path)
@@ -222,6 +236,12 @@ def prune_model(
             t = time.perf_counter()
             _sparsegpt_layer(layer, groups, batches, cfg, report)
             seconds["sparsegpt"] += time.perf_counter() - t
+        hess: dict[str, torch.Tensor] = {}
+        if cfg.refine:
+            bar.set_postfix_str("gram")
+            t = time.perf_counter()
+            hess = _collect_grams(layer, groups, batches)
+            seconds["refine"] += time.perf_counter() - t
         for g in [] if cfg.metric.updates_weights else groups:  # SparseGPT chose and applied its own masks
             lins = [get_linear(layer, p) for p in g.linears]
             t = time.perf_counter()
@@ -236,6 +256,11 @@ def prune_model(
             for path, lin, s in zip(g.linears, lins, scores, strict=False):
                 serv = s if perm is None else s[:, perm]
                 mask_serv = nm_mask(serv, cfg.n, cfg.m)
+                if cfg.refine:  # lower this linear's output error by swaps inside groups (weights unchanged)
+                    h = hess[g.name] if perm is None else hess[g.name][perm][:, perm]
+                    w_serv = lin.weight if perm is None else lin.weight[:, perm]
+                    mask_serv, gain = refine_nm_mask(w_serv, mask_serv, h, cfg.m, cfg.refine)
+                    report.setdefault("refined", {})[path] = gain
                 mask = mask_serv if perm is None else torch.empty_like(mask_serv).index_copy_(1, perm, mask_serv)
                 lin.weight.mul_(mask.to(lin.weight.dtype))
                 report["sparsity"][path] = float((lin.weight == 0).float().mean())

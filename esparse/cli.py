@@ -51,6 +51,9 @@ def _add_prune(sub) -> None:
                    help="entropy weight (esparse; default: docs/method.md)")
     p.add_argument("--entropy", choices=("hist", "hist_layer", "energy"), default=None)
     p.add_argument("--combine", choices=("add", "mul"), default=None)
+    p.add_argument("--refine", type=at.int_at_least(0), default=0, metavar="SWAPS",
+                   help="mask refinement: up to SWAPS kept/pruned swaps per row that lower each linear's output "
+                        "error on the calibration text (weights unchanged; 0 = off; docs/method.md)")
     p.add_argument("--batch-size", type=at.int_at_least(1), default=8, help="calibration windows per forward call")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_prune)
@@ -61,7 +64,7 @@ def build_prune_config(args) -> PruneConfig:  # noqa: F821
     from esparse.converter.prune import PruneConfig
 
     n, m = parse_pattern(args.pattern)
-    over: dict = {"block": args.block, "iters": args.iters, "batch_size": args.batch_size}
+    over: dict = {"block": args.block, "iters": args.iters, "batch_size": args.batch_size, "refine": args.refine}
     for key, value in (("alpha", args.alpha), ("estimator", args.entropy), ("combine", args.combine)):
         if value is not None:
             over[key] = value
@@ -71,7 +74,10 @@ def build_prune_config(args) -> PruneConfig:  # noqa: F821
         over["lbs"] = args.lbs == "on"
     if args.no_shuffle:
         over.update(gns=None, lbs=False)
-    return PruneConfig.for_method(args.method, n, m, **over)
+    try:
+        return PruneConfig.for_method(args.method, n, m, **over)
+    except ValueError as e:  # a combination of options the method does not take
+        raise EsparseError(f"--method {args.method}: {e}") from None
 
 
 def cmd_prune(args) -> None:

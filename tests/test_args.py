@@ -14,6 +14,7 @@ from esparse.cli import main
     (["prune", "M", "--calib", "C", "--out", "O", "--batch-size", "0"], "--batch-size"),
     (["prune", "M", "--calib", "C", "--out", "O", "--nsamples", "x"], "--nsamples"),
     (["prune", "M", "--calib", "C", "--out", "O", "--device", "tpu"], "--device"),
+    (["prune", "M", "--calib", "C", "--out", "O", "--refine", "-2"], "--refine"),
     (["ppl", "M", "--text", "T", "--seqlen", "1"], "--seqlen"),
     (["ppl", "M", "--text", "T", "--max-windows", "0"], "--max-windows"),
     (["generate", "M", "--prompt", "  "], "--prompt"),
@@ -30,6 +31,14 @@ def test_bad_values_are_one_line_exit_2(argv, flag, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("esparse: error:") and flag in err[0]
+
+
+@pytest.mark.parametrize("extra,flag", [(["--gns", "serpentine"], "--gns"), (["--refine", "8"], "--refine")])
+def test_options_sparsegpt_does_not_take_are_one_line_before_any_work(extra, flag, capsys):
+    # the model path does not exist: the option is refused first, in one line
+    assert main(["prune", "/nonexistent", "--calib", "C", "--out", "O", "--method", "sparsegpt", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("esparse: error: --method sparsegpt") and flag in err[0]
 
 
 def test_null_text_in_jsonl_is_refused(tmp_path):

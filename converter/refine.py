@@ -1,0 +1,65 @@
+"""Mask refinement without weight updates: swap kept and pruned weights inside N:M groups to lower the
+linear's output error on the calibration inputs (docs/method.md, "Mask refinement").
+
+For one row w of a linear and its mask, the pruned part r = w * (1 - mask) changes the output on input x by
+r . x, so the squared output error summed over the calibration tokens is L = r^T H r with H = sum_t x_t x_t^T
+(the same X X^T SparseGPT uses). Swapping a kept j for a pruned l of the same group (r gains w_j at j and
+loses w_l at l) changes L by
+
+    delta = 2 (w_j g_j - w_l g_l) + w_j^2 H_jj + w_l^2 H_ll - 2 w_j w_l H_jl,   g = H r.
+
+Each iteration takes, for every row at once, the swap with the most negative delta anywhere in the row and
+updates g in O(K); rows are independent, so L never increases for any row and the N:M pattern is kept. The
+kept weights are never changed: the result is still a pure mask on the original weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def refine_nm_mask(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor, m: int, iters: int,
+                   row_chunk: int = 1024) -> tuple[torch.Tensor, float]:
+    """Refined copy of ``mask`` [R, K] (bool, N of every M kept along K) for ``weight`` [R, K] and the input
+    Gram matrix ``hessian`` [K, K], after at most ``iters`` swaps per row. Returns (mask, fraction of the
+    output error removed: 1 - L_after / L_before summed over rows)."""
+    r_all, k = weight.shape
+    dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    h = hessian.to(device=weight.device, dtype=dt)
+    hd = h.diagonal().view(k // m, m)
+    gi = torch.arange(k // m, device=h.device)
+    hb = h.view(k // m, m, k // m, m)[gi, :, gi, :]  # [G, M, M]: H inside each group
+    out = mask.clone()
+    before = after = 0.0
+    for s in range(0, r_all, row_chunk):
+        w = weight[s:s + row_chunk].to(dt)
+        mk = out[s:s + row_chunk]
+        res = w * (~mk)
+        g = res @ h  # H r per row (H symmetric)
+        before += float((res * g).sum())
+        rows = torch.arange(w.shape[0], device=w.device)
+        wg = w.view(-1, k // m, m)
+        for _ in range(iters):
+            gg = g.view(-1, k // m, m)
+            a = 2 * wg * gg + wg.square() * hd  # cost of pruning j
+            b = -2 * wg * gg + wg.square() * hd  # cost of keeping l
+            kept = mk.view(-1, k // m, m)
+            delta = a[..., :, None] + b[..., None, :] - 2 * wg[..., :, None] * wg[..., None, :] * hb
+            valid = kept[..., :, None] & ~kept[..., None, :]
+            delta = delta.masked_fill(~valid, float("inf")).view(w.shape[0], -1)
+            best, idx = delta.min(dim=1)
+            go = best < -1e-12 * (res * g).sum(1).abs().clamp_min(1e-30)
+            if not bool(go.any()):
+                break
+            grp, pair = idx // (m * m), idx % (m * m)
+            drop, keep = grp * m + pair // m, grp * m + pair % m  # kept j to prune, pruned l to keep
+            rr, drop, keep = rows[go], drop[go], keep[go]
+            wj, wl = w[rr, drop], w[rr, keep]
+            mk[rr, drop] = False
+            mk[rr, keep] = True
+            res[rr, drop] = wj
+            res[rr, keep] = 0
+            g[rr] += wj[:, None] * h[drop] - wl[:, None] * h[keep]
+        after += float((res * (res @ h)).sum())
+    return out, (1.0 - after / before) if before > 0 else 0.0
