@@ -182,3 +182,19 @@ def test_shuffles_follow_the_method_unless_given():
     assert es.gns == "serpentine" and es.lbs
     assert PruneConfig(metric=MetricConfig("wanda"), gns="serpentine").gns == "serpentine"
     assert PruneConfig.for_method("esparse", lbs=False).gns == "serpentine"
+
+
+def test_refine_keeps_weights_and_pattern_and_reports_its_gain(llama_dir, calib_file, tmp_path):
+    out = tmp_path / "refined"
+    assert main(["prune", str(llama_dir), "--calib", str(calib_file), "--out", str(out), "--nsamples", "2",
+                 "--seqlen", "16", "--device", "cpu", "--method", "wanda", "--refine", "16"]) == 0  # no shuffles:
+    # the N:M groups then run along the stored (original) channel order
+    meta = json.loads((out / "esparse.json").read_text())
+    assert meta["config"]["refine"] == 16
+    gains = [v for layer in meta["layers"] for v in layer["refined"].values()]
+    assert gains and all(0.0 <= v < 1.0 for v in gains) and max(gains) > 0.0
+    src = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).state_dict()
+    for name, w in load_file(str(out / "model.safetensors")).items():
+        if name.endswith("proj.weight"):
+            kept = w != 0
+            assert is_nm_sparse(w, 2, 4) and torch.equal(w[kept], src[name][kept])  # weights unchanged
