@@ -164,6 +164,8 @@ def _add_generate_bench(sub) -> None:
     g.add_argument("--device", type=at.device, default="auto")
     g.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default fp16 on GPU, fp32 on CPU")
     g.add_argument("--cuda-graph", action="store_true", help="replay decode steps from a CUDA graph")
+    g.add_argument("--tp", type=int, choices=(1, 2, 4, 8), default=None,
+                   help="which <tp>-gpu export to read when the folder holds several (shards are merged)")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="dense vs sparse side by side: prefill latency, decode tokens/s, memory")
@@ -189,6 +191,15 @@ def _ft_folder(model: Path, tmp: Path) -> Path:
     return tmp / "ft"
 
 
+def _tokenizer_folder(folder: Path, given: Path) -> Path:
+    """Where the tokenizer of an export is: beside config.ini's <tp>-gpu folders (export writes it there), so
+    for a <tp>-gpu folder given directly, its parent; else the folder the user named."""
+    for cand in (folder, folder.parent if folder.name.endswith("-gpu") else None, given):
+        if cand is not None and (cand / "tokenizer_config.json").is_file():
+            return cand
+    return given
+
+
 def cmd_generate(args) -> None:
     import torch
 
@@ -200,8 +211,8 @@ def cmd_generate(args) -> None:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         folder = _ft_folder(args.model, Path(tmp))
-        tok = load_tokenizer(folder if (folder / "tokenizer_config.json").is_file() else args.model)
-        model = load_decoder(folder, device=str(dev), dtype=dtype, sparse=args.sparse)
+        tok = load_tokenizer(_tokenizer_folder(folder, args.model))
+        model = load_decoder(folder, device=str(dev), dtype=dtype, sparse=args.sparse, tp=args.tp)
         prompts = [tok(p).input_ids for p in args.prompt]
         outs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p,
                         eos_id=tok.eos_token_id, pad_id=tok.pad_token_id or 0, seed=args.seed,

@@ -112,28 +112,46 @@ def test_corrupt_packed_indices_are_refused_in_memory_and_on_disk(tmp_path, cali
         load_ft(tmp_path / "ft")
 
 
-@pytest.mark.parametrize("after", [2.5, 4.0, 6.0])
-def test_sigterm_leaves_nothing_behind(tmp_path, calib_file, after):
+@pytest.mark.parametrize("sig,after", [("SIGTERM", 2.5), ("SIGTERM", 4.0), ("SIGTERM", 6.0), ("SIGINT", 3.0),
+                                       ("SIGINT", 5.0)])
+def test_a_signal_during_prune_leaves_nothing_behind(tmp_path, calib_file, sig, after):
+    src = save_model("llama", tmp_path / "src", num_hidden_layers=4)
+    out = tmp_path / "out"
+    _signal_run(tmp_path, ["prune", str(src), "--calib", str(calib_file), "--out", str(out), "--nsamples", "8",
+                           "--seqlen", "64", "--device", "cpu"], sig, after, out, "esparse.json")
+
+
+@pytest.mark.parametrize("sig,after", [("SIGTERM", 2.0), ("SIGINT", 2.0), ("SIGTERM", 3.5)])
+def test_a_signal_during_export_leaves_nothing_behind(tmp_path, sig, after):
+    src = save_model("llama", tmp_path / "src", num_hidden_layers=8, hidden_size=256, intermediate_size=512)
+    out = tmp_path / "out"
+    _signal_run(tmp_path, ["export", str(src), "--out", str(out), "--dtype", "fp32"], sig, after, out,
+                "1-gpu/config.ini")
+
+
+def _signal_run(tmp_path, argv, sig, after, out, marker) -> None:
+    """Run ``esparse argv``, send ``sig`` after ``after`` s: the source is untouched and either the finished
+    output (renamed into place when complete, ``marker`` inside) or nothing is left, no hidden folders."""
     import signal
     import subprocess
     import sys
     import time
 
-    src = save_model("llama", tmp_path / "src", num_hidden_layers=4)
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "esparse.cli", "prune", str(src), "--calib", str(calib_file),
-                             "--out", str(out), "--nsamples", "8", "--seqlen", "64", "--device", "cpu"],
+    before = {p: p.read_bytes() for p in (tmp_path / "src").rglob("*") if p.is_file()}
+    proc = subprocess.Popen([sys.executable, "-m", "esparse.cli", *argv],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(after)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, sig))
     rc = proc.wait(60)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert not leftovers, leftovers
-    assert rc in (0, 143, -signal.SIGTERM)  # done, unwound by the handler, or killed before/after main ran
-    if out.exists():  # only ever the finished folder (renamed into place when complete)
-        assert (out / "esparse.json").is_file()
+    signum = getattr(signal, sig)
+    assert rc in (0, 128 + signum, -signum, 1 if sig == "SIGINT" else 0), rc  # done, unwound, or killed
+    if out.exists():
+        assert (out / marker).is_file()
     else:
         assert rc != 0
+    assert {p: p.read_bytes() for p in (tmp_path / "src").rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("damage", ["out_of_range", "short", "repeat", "extra_key"])

@@ -94,6 +94,16 @@ def test_generate_cli_on_export_and_on_hf_folder(exported, capsys):
         assert out.count("-" * 40) == 2 and "the quick brown" in out
 
 
+def test_generate_on_the_tp_folder_itself_and_with_tp(exported, capsys):
+    _, ft_dir = exported["pruned"]
+    for argv in ([str(ft_dir / "1-gpu")], [str(ft_dir), "--tp", "1"]):  # tokenizer found beside <tp>-gpu
+        assert main(["generate", *argv, "--prompt", "sparse", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+        assert capsys.readouterr().out.startswith("sparse")
+    assert main(["generate", str(ft_dir), "--tp", "2", "--prompt", "x", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no 2-gpu folder" in err[0]
+
+
 def test_bench_cli_smoke_on_cpu(exported, tmp_path, capsys):
     import json
 
