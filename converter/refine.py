@@ -25,6 +25,7 @@ def refine_nm_mask(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.Tens
     Gram matrix ``hessian`` [K, K], after at most ``iters`` swaps per row. Returns (mask, fraction of the
     output error removed: 1 - L_after / L_before summed over rows)."""
     r_all, k = weight.shape
+    n = int(mask[0, :m].sum())  # kept per group (the same in every group of an N:M mask)
     dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
     h = hessian.to(device=weight.device, dtype=dt)
     hd = h.diagonal().view(k // m, m)
@@ -40,20 +41,23 @@ def refine_nm_mask(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.Tens
         before += float((res * g).sum())
         rows = torch.arange(w.shape[0], device=w.device)
         wg = w.view(-1, k // m, m)
+        quad = wg.square() * hd  # w_j^2 H_jj
+        cross = -2 * wg[..., :, None] * wg[..., None, :] * hb  # -2 w_j w_l H_jl: fixed, the weights never change
         for _ in range(iters):
-            gg = g.view(-1, k // m, m)
-            a = 2 * wg * gg + wg.square() * hd  # cost of pruning j
-            b = -2 * wg * gg + wg.square() * hd  # cost of keeping l
-            kept = mk.view(-1, k // m, m)
-            delta = a[..., :, None] + b[..., None, :] - 2 * wg[..., :, None] * wg[..., None, :] * hb
-            valid = kept[..., :, None] & ~kept[..., None, :]
-            delta = delta.masked_fill(~valid, float("inf")).view(w.shape[0], -1)
+            lin = 2 * wg * g.view(-1, k // m, m)
+            # only (kept j, pruned l) pairs of a group can swap: gather them, n * (m - n) per group
+            order = mk.view(-1, k // m, m).to(torch.int8).argsort(dim=-1, descending=True, stable=True)
+            kj, pl = order[..., :n], order[..., n:]
+            pair = (kj[..., :, None] * m + pl[..., None, :]).flatten(-2)  # [rows, G, n (m-n)] into m*m
+            delta = ((lin + quad).gather(-1, kj)[..., :, None] + (quad - lin).gather(-1, pl)[..., None, :]).flatten(-2)
+            delta = (delta + cross.flatten(-2).gather(-1, pair)).view(w.shape[0], -1)
             best, idx = delta.min(dim=1)
             go = best < -1e-12 * (res * g).sum(1).abs().clamp_min(1e-30)
             if not bool(go.any()):
                 break
-            grp, pair = idx // (m * m), idx % (m * m)
-            drop, keep = grp * m + pair // m, grp * m + pair % m  # kept j to prune, pruned l to keep
+            grp = idx // pair.shape[-1]
+            code = pair.view(w.shape[0], -1).gather(1, idx[:, None]).squeeze(1)  # j * m + l inside the group
+            drop, keep = grp * m + code // m, grp * m + code % m  # kept j to prune, pruned l to keep
             rr, drop, keep = rows[go], drop[go], keep[go]
             wj, wl = w[rr, drop], w[rr, keep]
             mk[rr, drop] = False
