@@ -19,14 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from esparse.python_api.bench import random_24
+from esparse.python_api.bench import gemm_shapes, random_24
 from esparse.report import environment, format_table, write_json
-
-SHAPES = {  # (name, N, K) per linear, gate/up fused as the runtime runs them
-    "llama-7b": [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008)],
-    "llama-13b": [("qkv", 15360, 5120), ("o", 5120, 5120), ("gate_up", 27648, 5120), ("down", 5120, 13824)],
-    "opt-6.7b": [("qkv", 12288, 4096), ("o", 4096, 4096), ("fc1", 16384, 4096), ("fc2", 4096, 16384)],
-}
 
 
 def _time(fn, iters: int) -> float:
@@ -110,7 +104,7 @@ def main() -> None:
     ms = [int(m) for m in args.ms.split(",")]
     records = []
     for model in args.models.split(","):
-        for name, n, k in SHAPES[model]:
+        for name, n, k in gemm_shapes(model):
             records += bench_shape(ops, model, name, n, k, ms, args.iters, not args.no_torch_sparse, args.copies)
             torch.cuda.empty_cache()
     rows = [[r["model"], r["linear"], r["m"], r["n"], r["k"], r["cublas_us"], r["esparse_us"], r["speedup"],
@@ -131,7 +125,7 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for model in args.models.split(","):
-        for name, _, _ in SHAPES[model]:
+        for name, _, _ in gemm_shapes(model):
             pts = [r for r in records if r["model"] == model and r["linear"] == name]
             ax.plot([r["m"] for r in pts], [r["speedup_graph"] for r in pts], marker="o", label=f"{model} {name}")
     ax.axhline(1.0, color="gray", lw=0.8)

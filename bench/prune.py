@@ -16,21 +16,13 @@ from pathlib import Path
 import torch
 
 from esparse.converter.prune import PruneConfig, prune_model
+from esparse.python_api.bench import hf_llama_config, llama_shapes
 from esparse.report import environment, format_table, write_json
-
-SHAPES = {
-    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "llama-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                      num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192),
-}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=SHAPES, default="llama-7b")
+    ap.add_argument("--shape", choices=llama_shapes(), default="llama-7b")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
     ap.add_argument("--method", choices=("esparse", "wanda", "magnitude", "sparsegpt"), default="esparse")
     ap.add_argument("--nsamples", type=int, default=128)
@@ -41,9 +33,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    spec = dict(SHAPES[args.shape])
-    if args.layers:
-        spec["num_hidden_layers"] = args.layers
+    spec = hf_llama_config(args.shape, args.layers)
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     t0 = time.perf_counter()
     with torch.device(args.device):

@@ -20,6 +20,7 @@ from esparse import argtypes as at
 from esparse import demo
 from esparse.devices import DTYPES, parse_dtype, resolve_device
 from esparse.errors import EsparseError
+from esparse.python_api.bench import SHAPES
 
 if TYPE_CHECKING:
     from esparse.converter.prune import PruneConfig
@@ -170,7 +171,7 @@ def _add_generate_bench(sub) -> None:
 
     b = sub.add_parser("bench", help="dense vs sparse side by side: prefill latency, decode tokens/s, memory")
     b.add_argument("model", type=Path, nargs="?", help="exported 2:4 folder")
-    b.add_argument("--shape", choices=("llama-7b", "llama-13b", "opt-6.7b"), help="random weights of a model shape")
+    b.add_argument("--shape", choices=tuple(SHAPES), help="random weights of a model shape")
     b.add_argument("--layers", type=at.int_at_least(1), default=None, help="override the number of layers (--shape)")
     b.add_argument("--batches", type=at.int_list, default="1,4,16,64")
     b.add_argument("--prompt-len", type=at.int_at_least(1), default=2048, help="prefill length")

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from esparse.errors import EsparseError
+from esparse.format.families import family
 from esparse.format.ft_format import FTConfig, linear_specs, replicated_specs
 from esparse.format.ft_loader import FTWeights, load_ft
 from esparse.report import environment, format_table
@@ -34,7 +35,47 @@ SHAPES = {
                       vocab=32000, max_pos=4096, eps=1e-6),
     "opt-6.7b": dict(arch="opt", hidden=4096, n_heads=32, n_kv=32, head_dim=128, inter=16384, n_layers=32,
                      vocab=50272, max_pos=2048, eps=1e-5),
+    "smollm2-135m": dict(arch="llama", hidden=576, n_heads=9, n_kv=3, head_dim=64, inter=1536, n_layers=30,
+                         vocab=49152, max_pos=8192, eps=1e-5, rope_theta=100000.0),
 }
+GEMM_NAMES = {"attn_in": "qkv", "attn_out": "o", "mlp_in": "fc1", "mlp_out": "fc2"}
+
+
+def shape_config(shape: str, layers: int | None = None, **kw) -> FTConfig:
+    """The FTConfig of a named model shape (the one table of shapes every benchmark uses)."""
+    spec = dict(SHAPES[shape])
+    if layers:
+        spec["n_layers"] = layers
+    return FTConfig(**spec, **kw)
+
+
+def gemm_shapes(shape: str) -> list[tuple[str, int, int]]:
+    """(name, N, K) of each GEMM one decoder layer of ``shape`` runs, as the runtime runs them (a gated MLP's
+    gate and up fused into one "gate_up" GEMM; its down projection named "down")."""
+    cfg = shape_config(shape)
+    fam = family(cfg.arch)
+    out: dict[str, list[int]] = {}
+    for s in linear_specs(cfg, 0):
+        name = GEMM_NAMES[s.group]
+        if fam.gated_mlp and s.group in ("mlp_in", "mlp_out"):
+            name = "gate_up" if s.group == "mlp_in" else "down"
+        n, k = out.get(name, [0, s.k])
+        out[name] = [n + s.n, k]
+    return [(name, n, k) for name, (n, k) in out.items()]
+
+
+def llama_shapes() -> list[str]:
+    return [s for s, spec in SHAPES.items() if family(spec["arch"]).hf_class == "LlamaForCausalLM"]
+
+
+def hf_llama_config(shape: str, layers: int | None = None) -> dict:
+    """transformers LlamaConfig arguments of a LLaMA-family shape (for benchmarks that build an HF model)."""
+    cfg = shape_config(shape, layers)
+    if shape not in llama_shapes():
+        raise EsparseError(f"{shape} is not a LLaMA shape: pick one of {', '.join(llama_shapes())}")
+    return dict(hidden_size=cfg.hidden, intermediate_size=cfg.inter, num_hidden_layers=cfg.n_layers,
+                num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv, vocab_size=cfg.vocab,
+                max_position_embeddings=cfg.max_pos, rms_norm_eps=cfg.eps, rope_theta=cfg.rope_theta)
 
 
 def random_24(n: int, k: int, device, dtype=torch.float16, seed: int = 0) -> torch.Tensor:
@@ -68,11 +109,9 @@ class RandomLinears(Mapping):
 
 def random_weights(shape: str, device, dtype=torch.float16, layers: int | None = None) -> FTWeights:
     """Random 2:4 weights of a named model shape, made directly on ``device`` (no download), linears lazily."""
-    spec = dict(SHAPES[shape])
-    if layers:
-        spec["n_layers"] = layers
-    cfg = FTConfig(**spec, dtype={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32"),
-                   sparsity="2:4", method="random")
+    cfg = shape_config(shape, layers, dtype={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32"),
+                       sparsity="2:4", method="random")
+    spec = SHAPES[shape]
     g = torch.Generator(device=device).manual_seed(0)
     w = FTWeights(cfg)
     for name, (shp, _) in replicated_specs(cfg).items():

@@ -130,3 +130,14 @@ def test_random_shape_weights_are_24_and_complete(monkeypatch):
     model = bench.Decoder(w, "cpu", torch.float32, "torch")
     res = bench.measure(model, 8, [1, 2], 2, graphs=False)
     assert res["prefill_s"] > 0 and set(res["decode_tok_s"]) == {1, 2}
+
+
+def test_benchmark_gemm_shapes_come_from_the_family_description():
+    from esparse.python_api.bench import gemm_shapes
+
+    # the runtime's GEMMs: fused qkv, o, gate+up fused (gated MLP) or fc1, down or fc2
+    assert gemm_shapes("llama-7b") == [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096),
+                                       ("down", 4096, 11008)]
+    assert gemm_shapes("opt-6.7b") == [("qkv", 12288, 4096), ("o", 4096, 4096), ("fc1", 16384, 4096),
+                                       ("fc2", 4096, 16384)]
+    assert gemm_shapes("smollm2-135m")[0] == ("qkv", 9 * 64 + 2 * 3 * 64, 576)  # grouped-query attention
