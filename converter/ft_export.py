@@ -94,7 +94,7 @@ def write_tensor(t: torch.Tensor, path: Path) -> int:
     return data.nbytes
 
 
-def rank_rows(w: torch.Tensor, spec: LinearSpec, tp: int, r: int) -> torch.Tensor:
+def rank_slice(w: torch.Tensor, spec: LinearSpec, tp: int, r: int) -> torch.Tensor:
     """Rank r's part of a column-parallel [N, ...] tensor: each fused segment split separately."""
     parts, start = [], 0
     for seg in spec.segments:
@@ -151,7 +151,7 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
                 b = torch.cat([tensors[f"{h}.bias"] for h in spec.hf], 0) if spec.bias else None
                 dense_lin += w.numel() * item
                 for r in range(tp):
-                    wr = rank_rows(w, spec, tp, r) if spec.parallel == "col" else w.chunk(tp, 1)[r]
+                    wr = rank_slice(w, spec, tp, r) if spec.parallel == "col" else w.chunk(tp, 1)[r]
                     if nm:
                         packed = pack_nm(wr, *nm)
                         written_lin += write_tensor(packed.values, folder / f"{spec.name}.{r}.values.bin")
@@ -159,7 +159,7 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
                     else:
                         written_lin += write_tensor(wr.t(), folder / f"{spec.name}.{r}.bin")
                     if b is not None and spec.parallel == "col":
-                        other += write_tensor(rank_rows(b, spec, tp, r), folder / f"{spec.bias_name}.{r}.bin")
+                        other += write_tensor(rank_slice(b, spec, tp, r), folder / f"{spec.bias_name}.{r}.bin")
             for group, stem in perm_names(cfg, i).items():
                 if group in lp:
                     other += write_tensor(lp[group].to(torch.int32), folder / f"{stem}.bin")

@@ -116,6 +116,7 @@ def perm_names(cfg: FTConfig, layer: int) -> dict[str, str]:
 
 
 def rank_rows(spec: LinearSpec, tp: int) -> int:
+    """Output rows of one tensor-parallel rank's shard (the writer's slicing is converter/ft_export.rank_slice)."""
     return sum(s // tp for s in spec.segments) if spec.parallel == "col" else spec.n
 
 
