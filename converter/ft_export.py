@@ -1,6 +1,6 @@
 """``esparse export``: a pruned (or dense) HF folder -> FasterTransformer weight files, per tp rank.
 
-Pruned linears are written in serving channel order (converter.serving) with the compressed N:M layout;
+Pruned linears are written in serving channel order (converter/serving_order.py) with the compressed N:M layout;
 norms stay in the original order and their output gathers are written as ``*.perm.bin``. Tensors are made
 and written one layer at a time, into a temporary folder renamed when complete.
 """
@@ -35,7 +35,7 @@ from esparse.format.tokenizer import copy_tokenizer_files
 from .arch import decoder_base, get_linear, groups_of, head_shape
 from .fsutil import atomic_output_dir, check_output_dir, check_output_location
 from .model_io import is_gguf, load_model, load_tokenizer
-from .serving import serving_layer
+from .serving_order import serving_layer
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import torch
 from esparse.cli import main
 from esparse.converter.arch import decoder_base, head_shape
 from esparse.converter.masks import nm_mask
-from esparse.converter.serving import serving_layer
+from esparse.converter.serving_order import serving_layer
 from esparse.errors import EsparseError
 from esparse.format.ft_format import linear_specs
 from esparse.format.ft_loader import load_ft

@@ -12,7 +12,7 @@ from esparse.converter.arch import decoder_base, groups_of, head_shape
 from esparse.converter.masks import is_nm_sparse, nm_mask
 from esparse.converter.prune import PruneConfig, prune_model
 from esparse.converter.scores import MetricConfig
-from esparse.converter.serving import linears_of, serving_layer
+from esparse.converter.serving_order import linears_of, serving_layer
 from esparse.converter.stats import ChannelStats
 
 from helpers import make_model, make_tokenizer
