@@ -29,6 +29,8 @@ def read_documents(path: str | Path) -> list[str]:
     """
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise EsparseError(f"{path} is a folder: give one text file (plain text, <doc>-tagged or JSON lines)")
         raise EsparseError(f"text file {path} does not exist")
     try:
         raw = path.read_text(encoding="utf-8")

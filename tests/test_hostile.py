@@ -154,7 +154,7 @@ def _signal_run(tmp_path, argv, sig, after, out, marker) -> None:
     assert {p: p.read_bytes() for p in (tmp_path / "src").rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("damage", ["out_of_range", "short", "repeat", "extra_key"])
+@pytest.mark.parametrize("damage", ["out_of_range", "short", "repeat", "extra_key", "missing"])
 def test_bad_permutations_are_refused_at_export(tmp_path, calib_file, damage, capsys):
     from safetensors.torch import load_file, save_file
 
@@ -166,7 +166,9 @@ def test_bad_permutations_are_refused_at_export(tmp_path, calib_file, damage, ca
     perms = load_file(str(f))
     key = sorted(perms)[0]
     p = perms[key].clone()
-    if damage == "out_of_range":
+    if damage == "missing":  # the masks are N:M only in the shuffled order: name the file, not "not 2:4"
+        f.unlink()
+    elif damage == "out_of_range":
         p[0] = p.numel() + 5
     elif damage == "short":
         p = p[:-1].clone()
@@ -174,13 +176,23 @@ def test_bad_permutations_are_refused_at_export(tmp_path, calib_file, damage, ca
         p[1] = p[0]
     else:
         perms["layers.99.attn_in"] = p.clone()
-    perms[key] = p
-    save_file(perms, str(f))
+    if damage != "missing":
+        perms[key] = p
+        save_file(perms, str(f))
     capsys.readouterr()
     assert main(["export", str(pruned), "--out", str(tmp_path / "ft")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # (progress bars aside)
     assert len(err) == 1 and err[0].startswith("esparse: error:") and "esparse_perms.safetensors" in err[0]
     assert not (tmp_path / "ft").exists()
+
+
+def test_a_calibration_folder_is_named_as_a_folder(tmp_path, capsys):
+    src = save_model("llama", tmp_path / "src")
+    (tmp_path / "texts").mkdir()
+    capsys.readouterr()
+    assert main(["prune", str(src), "--calib", str(tmp_path / "texts"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a folder: give one text file" in err[0] and not (tmp_path / "o").exists()
 
 
 def test_cpu_prune_keeps_the_source_dtype(tmp_path, calib_file):

@@ -33,5 +33,11 @@ def read_prune_meta(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None
         raise EsparseError(f"{meta_path} has format_version {got}, expected {PRUNED_FORMAT_VERSION}: "
                            "re-run esparse prune")
     perms_path = Path(folder) / PERMS_FILE
-    perms = load_file(str(perms_path)) if perms_path.is_file() else {}
-    return meta, perms
+    if not perms_path.is_file():
+        cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+        if cfg.get("gns") or cfg.get("lbs"):  # the masks are N:M only in the shuffled channel order
+            raise EsparseError(f"{perms_path} is missing, and {meta_path} records channel shuffles: the masks are "
+                               f"N:M only in the shuffled order. Copy the file back from the prune output or "
+                               "re-run esparse prune")
+        return meta, {}
+    return meta, load_file(str(perms_path))
