@@ -60,6 +60,23 @@ def check_divisibility(model, m: int) -> None:
                 raise EsparseError(f"{path} has input dim {k}, not divisible by M={m}: choose another pattern")
 
 
+def check_pattern_before_loading(model_path: Path, m: int) -> None:
+    """The same check from config.json alone, so that a pattern the model cannot take is refused before the
+    weights are read (a GGUF is checked after loading: its sizes live in the file's metadata)."""
+    if is_gguf(Path(model_path)):
+        return
+    try:
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        inter = int(cfg.get("intermediate_size") or cfg.get("ffn_dim"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # load_model gives the precise error for a broken config
+    for what, k in (("hidden size", hidden), ("attention width", heads * head_dim), ("intermediate size", inter)):
+        if k % m:
+            raise EsparseError(f"the model's {what} {k} is not divisible by M={m}: choose another pattern")
+
+
 def prune_checkpoint(
     model_path: Path,
     calib_path: Path,
@@ -73,6 +90,7 @@ def prune_checkpoint(
     check_output_location(Path(out), [Path(model_path), Path(calib_path)])
     check_output_dir(Path(out), overwrite)
     check_model_path(Path(model_path))
+    check_pattern_before_loading(Path(model_path), cfg.m)
     dev = resolve_device(device)
     docs = read_documents(calib_path)
     tokenizer = load_tokenizer(model_path)

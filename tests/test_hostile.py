@@ -257,3 +257,14 @@ def test_flipped_byte_in_an_exported_file_is_caught_at_load(tmp_path, calib_file
     (folder / CHECKSUMS_FILE).write_text("garbage\n")
     with pytest.raises(EsparseError, match="manifest is corrupt"):
         load_ft(tmp_path / "ft")
+
+
+def test_a_pattern_the_model_cannot_take_is_refused_before_loading(tmp_path, calib_file, capsys, monkeypatch):
+    from esparse.converter import pipeline
+
+    src = save_model("llama", tmp_path / "src")
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    capsys.readouterr()
+    assert main(["prune", str(src), "--calib", str(calib_file), "--out", str(tmp_path / "o"), "--pattern", "2:3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not divisible by M=3" in err[0]
