@@ -13,28 +13,18 @@ Prints a table, writes gemm.json and gemm.png (graph-mode speedup over cuBLAS vs
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from esparse.python_api.bench import gemm_shapes, random_24
+from esparse.python_api.bench import gemm_shapes, median_seconds, random_24
 from esparse.report import environment, format_table, write_json
 
 
 def _time(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)  # microseconds
-    return statistics.median(times)
+    """Median microseconds of one call (the shared timer, 3 warm-up calls)."""
+    return 1e6 * median_seconds(fn, "cuda", iters, warmup=3)
 
 
 def _graph_time(calls, iters: int) -> float:

@@ -132,9 +132,12 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
-def _time(fn, dev, repeats: int) -> float:
-    """Median seconds of ``fn`` over repeats (after one warm-up)."""
-    fn()
+def median_seconds(fn, dev, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of one call of ``fn`` over ``repeats`` calls after ``warmup`` calls: CUDA events on a GPU
+    (what the device spent, launch included), wall clock on the CPU. The one timer of every benchmark."""
+    dev = torch.device(dev)
+    for _ in range(warmup):
+        fn()
     out = []
     for _ in range(repeats):
         _sync(dev)
@@ -163,7 +166,7 @@ def _decode_tok_s(model: Decoder, batch: int, ctx: int, steps: int, graphs: bool
         run = lambda: [step(tok, ctx + j) for j in range(steps)]
     else:
         run = lambda: [model(tok, cache, torch.tensor([ctx + j], device=dev), attend=ctx + j + 1) for j in range(steps)]
-    return batch * steps / _time(run, dev, 3)
+    return batch * steps / median_seconds(run, dev, 3)
 
 
 @torch.no_grad()
@@ -173,7 +176,7 @@ def measure(model: Decoder, prompt_len: int, batches: list[int], steps: int, gra
     vocab = model.cfg.vocab
     ids = torch.randint(0, vocab, (1, prompt_len), device=dev)
     cache = model.new_cache(1, prompt_len)
-    res["prefill_s"] = _time(lambda: model(ids, cache, 0), dev, 5)
+    res["prefill_s"] = median_seconds(lambda: model(ids, cache, 0), dev, 5)
     ctx = max(1, min(128, model.cfg.max_pos - steps - 1))  # decode after a short prompt
     res["decode_tok_s"] = {b: _decode_tok_s(model, b, ctx, steps, graphs) for b in batches}
     if dev.type == "cuda":
