@@ -11,7 +11,6 @@ import argparse
 import logging
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -152,8 +151,8 @@ def cmd_export(args) -> None:
 
 
 def _add_generate_bench(sub) -> None:
-    g = sub.add_parser("generate", help="generate text from an exported folder (or a HF folder / .gguf)")
-    g.add_argument("model", type=Path, help="folder written by esparse export; a HF folder or .gguf is exported first")
+    g = sub.add_parser("generate", help="generate text from an exported folder (esparse export)")
+    g.add_argument("model", type=Path, help="folder written by esparse export")
     g.add_argument("--prompt", type=at.prompt, action="append", required=True, help="prompt text (repeat for a batch)")
     path = g.add_mutually_exclusive_group()
     path.add_argument("--sparse", action="store_true", help="2:4 linears on cuSPARSELt (GPU)")
@@ -182,14 +181,15 @@ def _add_generate_bench(sub) -> None:
     b.set_defaults(func=cmd_bench)
 
 
-def _ft_folder(model: Path, tmp: Path) -> Path:
-    """An exported folder for ``model``: itself, or a fresh export of a HF folder / .gguf."""
+def _ft_folder(model: Path) -> Path:
+    """``model`` when it is an exported folder; a HF folder or .gguf is refused with the export command (the
+    runtime reads only what export wrote, so that what is served is what was checked and checksummed)."""
     if (model / "config.ini").is_file() or any(model.glob("*-gpu/config.ini")):
         return model
-    from esparse.converter.ft_export import export_folder
-
-    export_folder(model, tmp / "ft", tp=1, dtype="fp16")
-    return tmp / "ft"
+    if (model / "config.json").is_file() or model.suffix.lower() == ".gguf":
+        raise EsparseError(f"{model} is a Hugging Face model, not an exported folder: export it first "
+                           f"(esparse export {model} --out FT_DIR), then run on FT_DIR")
+    return model  # the loader names what is missing
 
 
 def _tokenizer_folder(folder: Path, given: Path) -> Path:
@@ -210,14 +210,13 @@ def cmd_generate(args) -> None:
 
     dev = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = _ft_folder(args.model, Path(tmp))
-        tok = load_tokenizer(_tokenizer_folder(folder, args.model))
-        model = load_decoder(folder, device=str(dev), dtype=dtype, sparse=args.sparse, tp=args.tp)
-        prompts = [tok(p).input_ids for p in args.prompt]
-        outs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p,
-                        eos_id=tok.eos_token_id, pad_id=tok.pad_token_id or 0, seed=args.seed,
-                        cuda_graph=args.cuda_graph)
+    folder = _ft_folder(args.model)
+    tok = load_tokenizer(_tokenizer_folder(folder, args.model))
+    model = load_decoder(folder, device=str(dev), dtype=dtype, sparse=args.sparse, tp=args.tp)
+    prompts = [tok(p).input_ids for p in args.prompt]
+    outs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p,
+                    eos_id=tok.eos_token_id, pad_id=tok.pad_token_id or 0, seed=args.seed,
+                    cuda_graph=args.cuda_graph)
     for p, o in zip(args.prompt, outs):
         print(p + tok.decode(o, skip_special_tokens=True))
         print("-" * 40)

@@ -85,13 +85,15 @@ def test_sparse_path_refused_on_cpu(exported):
         load_decoder(ft_dir, device="cpu", dtype=torch.float32, sparse=True)
 
 
-def test_generate_cli_on_export_and_on_hf_folder(exported, capsys):
+def test_generate_cli_on_export_and_refusal_of_an_hf_folder(exported, capsys):
     hf_dir, ft_dir = exported["pruned"]
-    for target in (ft_dir, hf_dir):
-        assert main(["generate", str(target), "--prompt", "the quick brown", "--prompt", "sparse",
-                     "--max-new-tokens", "5", "--device", "cpu"]) == 0
-        out = capsys.readouterr().out
-        assert out.count("-" * 40) == 2 and "the quick brown" in out
+    assert main(["generate", str(ft_dir), "--prompt", "the quick brown", "--prompt", "sparse",
+                 "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("-" * 40) == 2 and "the quick brown" in out
+    assert main(["generate", str(hf_dir), "--prompt", "x", "--device", "cpu"]) == 2  # export is explicit
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"esparse export {hf_dir} --out FT_DIR" in err[0]
 
 
 def test_generate_on_the_tp_folder_itself_and_with_tp(exported, capsys):
