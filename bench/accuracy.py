@@ -72,6 +72,8 @@ def variants(group: str) -> dict[str, PruneConfig | None]:
         "wanda 2:4 + refine 64": P("wanda", refine=64),
         "esparse 2:4 + refine 64": P("esparse", refine=64),
         "esparse 2:4 + refine 256": P("esparse", refine=256),
+        "esparse 2:4 + refine 64 damp 0.1": P("esparse", refine=64, refine_damp=0.1),
+        "wanda 2:4 + refine 64 damp 0.1": P("wanda", refine=64, refine_damp=0.1),
     }
     groups = {"main": main, "ablation": ablation, "entropy": entropy, "shuffle": shuffle, "refine": refine}
     if group == "all":

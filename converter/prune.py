@@ -44,6 +44,7 @@ class PruneConfig:
     sparsegpt_block: int = 128  # columns per lazy-update block (SparseGPT only)
     sparsegpt_damp: float = 0.01  # dampening, fraction of mean(diag H) (SparseGPT only)
     refine: int = 0  # mask refinement: at most this many kept/pruned swaps per row (0: off; converter/refine.py)
+    refine_damp: float = 0.01  # added to diag(X X^T) for the refinement, fraction of its mean (as SparseGPT)
 
     @classmethod
     def for_method(cls, method: str, n: int = 2, m: int = 4, **overrides) -> PruneConfig:
@@ -259,7 +260,7 @@ def prune_model(
                 if cfg.refine:  # lower this linear's output error by swaps inside groups (weights unchanged)
                     h = hess[g.name] if perm is None else hess[g.name][perm][:, perm]
                     w_serv = lin.weight if perm is None else lin.weight[:, perm]
-                    mask_serv, gain = refine_nm_mask(w_serv, mask_serv, h, cfg.m, cfg.refine)
+                    mask_serv, gain = refine_nm_mask(w_serv, mask_serv, h, cfg.m, cfg.refine, cfg.refine_damp)
                     report.setdefault("refined", {})[path] = gain
                 mask = mask_serv if perm is None else torch.empty_like(mask_serv).index_copy_(1, perm, mask_serv)
                 lin.weight.mul_(mask.to(lin.weight.dtype))

@@ -20,14 +20,18 @@ import torch
 
 @torch.no_grad()
 def refine_nm_mask(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor, m: int, iters: int,
-                   row_chunk: int = 1024) -> tuple[torch.Tensor, float]:
+                   damp: float = 0.0, row_chunk: int = 1024) -> tuple[torch.Tensor, float]:
     """Refined copy of ``mask`` [R, K] (bool, N of every M kept along K) for ``weight`` [R, K] and the input
-    Gram matrix ``hessian`` [K, K], after at most ``iters`` swaps per row. Returns (mask, fraction of the
-    output error removed: 1 - L_after / L_before summed over rows)."""
+    Gram matrix ``hessian`` [K, K], after at most ``iters`` swaps per row. ``damp`` adds that fraction of
+    mean(diag H) to the diagonal (a Gram matrix from few calibration tokens is noisy: damping pulls the
+    objective toward the per-channel error). Returns (mask, fraction of the (damped) output error removed:
+    1 - L_after / L_before summed over rows)."""
     r_all, k = weight.shape
     n = int(mask[0, :m].sum())  # kept per group (the same in every group of an N:M mask)
     dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
     h = hessian.to(device=weight.device, dtype=dt)
+    if damp:
+        h = h + damp * h.diagonal().mean() * torch.eye(k, device=h.device, dtype=dt)
     hd = h.diagonal().view(k // m, m)
     gi = torch.arange(k // m, device=h.device)
     hb = h.view(k // m, m, k // m, m)[gi, :, gi, :]  # [G, M, M]: H inside each group

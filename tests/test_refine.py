@@ -46,3 +46,13 @@ def test_identity_gram_is_already_optimal_for_magnitude():
     mask = nm_mask(w.abs(), 2, 4)
     out, gain = refine_nm_mask(w, mask, torch.eye(32, dtype=torch.float64), 4, iters=50)
     assert torch.equal(out, mask) and gain == pytest.approx(0.0, abs=1e-12)
+
+
+def test_damping_moves_the_objective_toward_the_per_channel_error():
+    # with a huge damping the damped Gram is ~ c * I: the refinement then keeps each group's largest |w|
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(8, 32, generator=g, dtype=torch.float64)
+    x = torch.randn(50, 32, generator=g, dtype=torch.float64) @ torch.randn(32, 32, generator=g, dtype=torch.float64)
+    start = nm_mask(torch.rand(8, 32, generator=g, dtype=torch.float64), 2, 4)  # a poor random mask
+    out, gain = refine_nm_mask(w, start, x.t() @ x, 4, iters=100, damp=1e6)
+    assert torch.equal(out, nm_mask(w.abs(), 2, 4)) and gain > 0
