@@ -150,14 +150,18 @@ def _collect(layer, groups, batches, fn) -> None:
             h.remove()
 
 
-def _gather_stats(layer, groups, batches, cfg: PruneConfig) -> dict[str, ChannelStats]:
-    """Pass 1 (norms, ranges, energy sums) and, when the estimator needs it, pass 2 (histograms)."""
+def _gather_stats(layer, groups, batches, cfg: PruneConfig,
+                  grams: dict[str, torch.Tensor] | None = None) -> dict[str, ChannelStats]:
+    """Pass 1 (norms, ranges, energy sums; X X^T into ``grams`` when given) and, when the estimator needs it,
+    pass 2 (histograms)."""
     stats: dict[str, ChannelStats] = {}
 
     def pass1(g: Group, x: torch.Tensor) -> None:
         if g.name not in stats:
             stats[g.name] = ChannelStats(x.shape[-1], x.device, cfg.bins, cfg.metric.needs_energy)
         stats[g.name].update(x)
+        if grams is not None:
+            grams[g.name] = hessian_update(grams.get(g.name), x)
 
     _collect(layer, groups, batches, pass1)
     if cfg.metric.needs_hist:
@@ -226,10 +230,11 @@ def prune_model(
         home = next(layers[i].parameters()).device  # layers return where they were (CPU offload or not)
         layer = layers[i].to(device)
         stats: dict[str, ChannelStats] = {}
+        hess: dict[str, torch.Tensor] = {}  # X X^T per group, for the mask refinement only
         if cfg.metric.needs_stats:
             bar.set_postfix_str("stats")
             t = time.perf_counter()
-            stats = _gather_stats(layer, groups, batches, cfg)
+            stats = _gather_stats(layer, groups, batches, cfg, hess if cfg.refine else None)
             seconds["stats"] += time.perf_counter() - t
         report: dict = {"sparsity": {}, "kept": {}}
         if cfg.metric.updates_weights:
@@ -237,8 +242,7 @@ def prune_model(
             t = time.perf_counter()
             _sparsegpt_layer(layer, groups, batches, cfg, report)
             seconds["sparsegpt"] += time.perf_counter() - t
-        hess: dict[str, torch.Tensor] = {}
-        if cfg.refine:
+        if cfg.refine and not cfg.metric.needs_stats:  # magnitude: no statistics pass to share
             bar.set_postfix_str("gram")
             t = time.perf_counter()
             hess = _collect_grams(layer, groups, batches)
@@ -254,11 +258,12 @@ def prune_model(
             perm, frac = _group_perm(scores, g, heads, cfg)
             seconds["shuffle"] += time.perf_counter() - t
             t = time.perf_counter()
+            if cfg.refine:  # the group's Gram matrix in serving order, shared by its linears
+                h = hess[g.name] if perm is None else hess[g.name][perm][:, perm]
             for path, lin, s in zip(g.linears, lins, scores, strict=False):
                 serv = s if perm is None else s[:, perm]
                 mask_serv = nm_mask(serv, cfg.n, cfg.m)
                 if cfg.refine:  # lower this linear's output error by swaps inside groups (weights unchanged)
-                    h = hess[g.name] if perm is None else hess[g.name][perm][:, perm]
                     w_serv = lin.weight if perm is None else lin.weight[:, perm]
                     mask_serv, gain = refine_nm_mask(w_serv, mask_serv, h, cfg.m, cfg.refine, cfg.refine_damp)
                     report.setdefault("refined", {})[path] = gain

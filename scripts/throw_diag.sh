@@ -8,8 +8,6 @@ for c in info build_ok build dense linear search; do
   LD_PRELOAD=/tmp/segv_where.so timeout 60 .venv/bin/python scripts/throw_cases.py "$c" >> "$OUT/diag.txt" 2>&1
   echo "rc=$?" >> "$OUT/diag.txt"
 done
-echo "--- cpp_extension probe" >> "$OUT/diag.txt"
-timeout 200 .venv/bin/python scripts/throw_probe_ext.py c++20 >> "$OUT/diag.txt" 2>&1; echo "rc=$?" >> "$OUT/diag.txt"
 grep -v "SEGV_WHERE stack" "$OUT/diag.txt"
 echo "--- bindings of unwinder symbols (case build)"
 LD_DEBUG=bindings timeout 60 .venv/bin/python scripts/throw_cases.py build 2>&1 \
