@@ -28,7 +28,7 @@ from esparse.converter.model_io import load_model, load_tokenizer
 from esparse.converter.ppl import perplexity
 from esparse.converter.prune import PruneConfig, prune_model
 from esparse.converter.text import calibration_windows, eval_windows, read_documents
-from esparse.report import environment, format_table, write_json
+from esparse.report import environment, format_table, new_figure, save_figure, write_json
 
 
 def variants(group: str) -> dict[str, PruneConfig | None]:
@@ -85,13 +85,8 @@ def variants(group: str) -> dict[str, PruneConfig | None]:
 
 
 def plot(results: list[dict], texts: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [r["variant"] for r in results]
-    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.6), 5))
+    fig, ax = new_figure(figsize=(max(8, len(names) * 0.6), 5))
     width = 0.8 / len(texts)
     for i, t in enumerate(texts):
         ax.bar([x + i * width for x in range(len(names))], [r["ppl"][t] for r in results], width, label=t)
@@ -100,8 +95,7 @@ def plot(results: list[dict], texts: list[str], path: Path) -> None:
     ax.set_ylabel("perplexity (log scale, lower is better)")
     ax.set_title("SmolLM2-135M: N:M pruning without weight updates")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> None:

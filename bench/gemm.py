@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from esparse.python_api.bench import gemm_shapes, median_seconds, random_24
-from esparse.report import environment, format_table, write_json
+from esparse.report import environment, format_table, new_figure, save_figure, write_json
 
 
 def _time(fn, iters: int) -> float:
@@ -108,12 +108,7 @@ def main() -> None:
     print(format_table(["model", "linear", "M", "N", "K", "cuBLAS", "esparse", "x single", "cuBLAS g",
                         "cuBLASLt g", "esparse g", "x graph", "torch 2:4"], rows))
     write_json(args.out / "gemm.json", {"env": env, "results": records})
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = new_figure(figsize=(8, 5))
     for model in args.models.split(","):
         for name, _, _ in gemm_shapes(model):
             pts = [r for r in records if r["model"] == model and r["linear"] == name]
@@ -125,8 +120,7 @@ def main() -> None:
     ax.set_ylabel("speedup over cuBLAS, CUDA-graph timing (esparse 2:4)")
     ax.set_title(f"cuSPARSELt 2:4 vs dense, fp16, {env['device']}")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(args.out / "gemm.png", dpi=110)
+    save_figure(fig, args.out / "gemm.png")
     print(f"wrote {args.out}/gemm.json and gemm.png")
 
 

@@ -17,7 +17,7 @@ import torch
 
 from esparse.converter.prune import PruneConfig, prune_model
 from esparse.python_api.bench import hf_llama_config, llama_shapes
-from esparse.report import environment, format_table, write_json
+from esparse.report import environment, format_table, new_figure, save_figure, write_json
 
 
 def main() -> None:
@@ -53,17 +53,11 @@ def main() -> None:
     write_json(args.out / "prune.json", {"env": env, "shape": args.shape, "layers": spec["num_hidden_layers"],
                                          "method": args.method, "nsamples": args.nsamples, "seqlen": args.seqlen,
                                          "stage_seconds": res.stage_seconds, "total_seconds": total})
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_figure(figsize=(7, 4))
     ax.barh(list(res.stage_seconds), list(res.stage_seconds.values()))
     ax.set_xlabel("seconds")
     ax.set_title(f"{args.method} 2:4 pruning of {args.shape}: {total:.0f} s on {env['device']}")
-    fig.tight_layout()
-    fig.savefig(args.out / "prune.png", dpi=110)
+    save_figure(fig, args.out / "prune.png")
     print(f"wrote {args.out}/prune.json and prune.png")
 
 

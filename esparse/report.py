@@ -50,3 +50,25 @@ def write_json(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.rename(path)
+
+
+def new_figure(*args, **kwargs):
+    """``plt.subplots`` on the headless Agg backend: the one way a benchmark starts its PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Lay out, write ``path`` (through a temporary file, renamed when complete) and free the figure."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=dpi)
+    tmp.rename(path)
+    plt.close(fig)

@@ -1,5 +1,6 @@
 """Serving runtime: load an exported folder and run LLaMA/OPT with sparse (cuSPARSELt) or dense GEMMs."""
 
-from .model import Decoder, load_decoder
+from .loader import build_decoder, load_decoder
+from .model import Transformer
 
-__all__ = ["Decoder", "load_decoder"]
+__all__ = ["Transformer", "build_decoder", "load_decoder"]

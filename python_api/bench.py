@@ -9,11 +9,9 @@ Timing: CUDA events (perf_counter with a sync on the CPU), warm-up first, median
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import statistics
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -21,10 +19,11 @@ import torch
 from esparse.errors import EsparseError
 from esparse.format.families import family
 from esparse.format.ft_format import FTConfig, linear_specs, replicated_specs
-from esparse.format.ft_loader import FTWeights, load_ft
-from esparse.report import environment, format_table
+from esparse.format.ft_loader import FTFolder, LayerWeights
+from esparse.report import environment, format_table, new_figure, save_figure, write_json
 
-from .model import Decoder, GraphDecodeStep, weight_bytes
+from .loader import WeightSource, build_decoder
+from .model import GraphDecodeStep, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -87,44 +86,36 @@ def random_24(n: int, k: int, device, dtype=torch.float16, seed: int = 0) -> tor
     return (x.view(n, -1, 4) * mask).view(n, k)
 
 
-class RandomLinears(Mapping):
-    """Random 2:4 linears made on first access and never stored: a model built from them holds only what its
-    layers keep (the sparse path: the compressed copy), as loading layer by layer from a folder does."""
+class RandomWeights:
+    """Random 2:4 weights of a named model shape, made on ``device`` a layer at a time when the loader asks (no
+    download, nothing kept): a model built from them holds only what its layers keep, as from a folder."""
 
-    def __init__(self, cfg: FTConfig, device, dtype, seed: int = 0):
-        self.specs = {s.name: s for i in range(cfg.n_layers) for s in linear_specs(cfg, i)}
-        self.seeds = {name: seed + j for j, name in enumerate(self.specs)}
-        self.device, self.dtype = device, dtype
+    def __init__(self, shape: str, device, dtype=torch.float16, layers: int | None = None, seed: int = 0):
+        dtype_name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+        self.cfg = shape_config(shape, layers, dtype=dtype_name, sparsity="2:4", method="random")
+        self.device, self.dtype, self.seed = torch.device(device), dtype, seed
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        s = self.specs[name]
-        return random_24(s.n, s.k, self.device, self.dtype, self.seeds[name])
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for j, (name, (shp, _)) in enumerate(replicated_specs(self.cfg).items()):
+            if name.startswith("model.layers."):
+                continue
+            g = torch.Generator(device=self.device).manual_seed(self.seed + j)
+            t = torch.randn(shp, device=self.device, dtype=self.dtype, generator=g) * 0.02
+            out[name] = torch.ones_like(t) if "layernorm.weight" in name else t
+        return out
 
-    def __iter__(self):
-        return iter(self.specs)
-
-    def __len__(self) -> int:
-        return len(self.specs)
-
-
-def random_weights(shape: str, device, dtype=torch.float16, layers: int | None = None) -> FTWeights:
-    """Random 2:4 weights of a named model shape, made directly on ``device`` (no download), linears lazily."""
-    cfg = shape_config(shape, layers, dtype={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32"),
-                       sparsity="2:4", method="random")
-    spec = SHAPES[shape]
-    g = torch.Generator(device=device).manual_seed(0)
-    w = FTWeights(cfg)
-    for name, (shp, _) in replicated_specs(cfg).items():
-        t = torch.randn(shp, device=device, dtype=dtype, generator=g) * 0.02
-        w.tensors[name] = torch.ones_like(t) if "layernorm.weight" in name else t
-    w.linears = RandomLinears(cfg, device, dtype)  # type: ignore[assignment]
-    for i in range(cfg.n_layers):
-        for s in linear_specs(cfg, i):
+    def layer(self, i: int) -> LayerWeights:
+        cfg, lw = self.cfg, LayerWeights(i)
+        for name, (shp, _) in replicated_specs(cfg).items():
+            if name.startswith(f"model.layers.{i}."):
+                lw.tensors[name] = torch.ones(shp, device=self.device, dtype=self.dtype)
+        for j, s in enumerate(linear_specs(cfg, i)):
+            lw.linears[s.name] = random_24(s.n, s.k, self.device, self.dtype, self.seed + 1000 * i + j)
             if s.bias:
-                w.biases[s.bias_name] = torch.zeros(s.n, device=device, dtype=dtype)
-                w.tensors[s.bias_name] = torch.zeros(s.n if s.parallel == "col" else spec["hidden"],
-                                                             device=device, dtype=dtype)
-    return w
+                lw.biases[s.bias_name] = torch.zeros(s.n, device=self.device, dtype=self.dtype)
+                lw.tensors.pop(s.bias_name, None)
+        return lw
 
 
 def _sync(dev):
@@ -155,7 +146,7 @@ def median_seconds(fn, dev, repeats: int, warmup: int = 1) -> float:
     return statistics.median(out)
 
 
-def _decode_tok_s(model: Decoder, batch: int, ctx: int, steps: int, graphs: bool) -> float:
+def _decode_tok_s(model: Transformer, batch: int, ctx: int, steps: int, graphs: bool) -> float:
     """Tokens/s of ``steps`` decode steps after a ``ctx``-token prompt, at one batch size."""
     dev, vocab = model.device, model.cfg.vocab
     cache = model.new_cache(batch, ctx + steps + 1)
@@ -170,12 +161,17 @@ def _decode_tok_s(model: Decoder, batch: int, ctx: int, steps: int, graphs: bool
 
 
 @torch.no_grad()
-def measure(model: Decoder, prompt_len: int, batches: list[int], steps: int, graphs: bool) -> dict:
+def measure(model: Transformer, prompt_len: int, batches: list[int], steps: int, graphs: bool) -> dict:
+    """Prefill and decode speed; bytes of the weights; the first prefill's seconds (plans, algorithm choice)."""
     dev = model.device
-    res: dict = {"weight_bytes": weight_bytes(model)}
+    res: dict = {"weight_bytes": model.weight_bytes()}
     vocab = model.cfg.vocab
     ids = torch.randint(0, vocab, (1, prompt_len), device=dev)
     cache = model.new_cache(1, prompt_len)
+    t0 = time.perf_counter()
+    model(ids, cache, 0)
+    _sync(dev)
+    res["first_prefill_s"] = time.perf_counter() - t0
     res["prefill_s"] = median_seconds(lambda: model(ids, cache, 0), dev, 5)
     ctx = max(1, min(128, model.cfg.max_pos - steps - 1))  # decode after a short prompt
     res["decode_tok_s"] = {b: _decode_tok_s(model, b, ctx, steps, graphs) for b in batches}
@@ -195,7 +191,7 @@ def run_bench(args) -> dict:
                            "CPU smoke run")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     batches = args.batches if isinstance(args.batches, list) else [int(b) for b in args.batches.split(",")]
-    source = random_weights(args.shape, device, dtype, args.layers) if args.shape else Path(args.model)
+    source = RandomWeights(args.shape, device, dtype, args.layers) if args.shape else Path(args.model)
     results = bench_models(source, backends, device, dtype, args.prompt_len, batches, args.decode_steps,
                            not args.no_cuda_graph)
     meta = {**environment(), "model": args.shape or str(args.model), "prompt_len": args.prompt_len,
@@ -227,24 +223,35 @@ def _table(results: dict[str, dict], batches: list[int]) -> tuple[list[str], lis
         row(f"decode tok/s b={b}", lambda r, b=b: r["decode_tok_s"][b], True)
     row("weights GiB", lambda r: r["weight_bytes"] / 2**30, None)
     if all("peak_bytes" in r for r in results.values()):
+        row("resident after load GiB", lambda r: r["resident_bytes"] / 2**30, None)
+        row("peak while loading GiB", lambda r: r["load_peak_bytes"] / 2**30, None)
         row("peak GiB", lambda r: r["peak_bytes"] / 2**30, None)
+    row("load s", lambda r: r["load_s"], None)
+    row("first prefill s", lambda r: r["first_prefill_s"], None)
     return header, rows
 
 
-def bench_models(source: FTWeights | Path, backends: list[str], device, dtype, prompt_len: int, batches: list[int],
-                 steps: int, graphs: bool) -> dict[str, dict]:
+def bench_models(source: WeightSource | Path, backends: list[str], device, dtype, prompt_len: int,
+                 batches: list[int], steps: int, graphs: bool) -> dict[str, dict]:
+    """Each backend in turn, the previous one released first: build (timed, with the memory it leaves and its
+    peak while loading), then :func:`measure`."""
     results = {}
     for be in backends:
-        w = source if isinstance(source, FTWeights) else load_ft(source)
-        if be == "sparse" and w.cfg.nm != (2, 4):
+        src = FTFolder(source) if isinstance(source, Path) else source
+        if be == "sparse" and src.cfg.nm != (2, 4):
             raise EsparseError("the sparse backend needs a 2:4 folder")
-        if device.type == "cuda":  # release the previous backend entirely before measuring this one
+        if device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        model = Decoder(w, device, dtype, be).eval()
-        log.info("benchmarking %s", be)
-        results[be] = measure(model, prompt_len, batches, steps, graphs)
+        t0 = time.perf_counter()
+        model = build_decoder(src, device, dtype, be)
+        _sync(device)
+        load = {"load_s": time.perf_counter() - t0}
+        if device.type == "cuda":
+            load.update(resident_bytes=torch.cuda.memory_allocated(), load_peak_bytes=torch.cuda.max_memory_allocated())
+        log.info("benchmarking %s (built in %.1f s)", be, load["load_s"])
+        results[be] = {**load, **measure(model, prompt_len, batches, steps, graphs)}
         del model
     return results
 
@@ -253,25 +260,16 @@ def write_outputs(results: dict, batches: list[int], meta: dict, out: Path) -> s
     header, rows = _table(results, batches)
     text = format_table(header, rows)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-        for be, r in results.items():
-            ax[0].plot(batches, [r["decode_tok_s"][b] for b in batches], marker="o", label=be)
-        ax[0].set_xscale("log", base=2)
-        ax[0].set_xlabel("batch")
-        ax[0].set_ylabel("decode tokens/s")
-        ax[0].legend()
-        ax[1].bar(list(results), [r["prefill_s"] * 1e3 for r in results.values()])
-        ax[1].set_ylabel(f"prefill ms ({meta.get('prompt_len')} tokens)")
-        fig.suptitle(f"{meta.get('model')} on {meta.get('device')}")
-        fig.tight_layout()
-        fig.savefig(out / "bench.png", dpi=110)
-    except ImportError:
-        log.warning("matplotlib missing: no plot (pip install 'esparse[plot]')")
+    write_json(out / "bench.json", {"meta": meta, "results": results})
+    fig, ax = new_figure(1, 2, figsize=(11, 4))
+    for be, r in results.items():
+        ax[0].plot(batches, [r["decode_tok_s"][b] for b in batches], marker="o", label=be)
+    ax[0].set_xscale("log", base=2)
+    ax[0].set_xlabel("batch")
+    ax[0].set_ylabel("decode tokens/s")
+    ax[0].legend()
+    ax[1].bar(list(results), [r["prefill_s"] * 1e3 for r in results.values()])
+    ax[1].set_ylabel(f"prefill ms ({meta.get('prompt_len')} tokens)")
+    fig.suptitle(f"{meta.get('model')} on {meta.get('device')}")
+    save_figure(fig, out / "bench.png")
     return text

@@ -1,11 +1,11 @@
 """Text generation on the runtime: batched prompts (left padded), greedy or temperature/top-p sampling,
-decode steps optionally replayed from CUDA graphs captured once per batch size (Decoder.graph_step)."""
+decode steps optionally replayed from CUDA graphs captured once per batch size (Transformer.graph_step)."""
 
 from __future__ import annotations
 
 import torch
 
-from .model import Decoder
+from .model import Transformer
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -22,7 +22,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
 
 
 @torch.no_grad()
-def generate(model: Decoder, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0, seed: int = 0,
              cuda_graph: bool = False) -> list[list[int]]:
     """New tokens for each prompt (stops a sequence at ``eos_id``)."""

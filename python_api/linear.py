@@ -1,30 +1,19 @@
-"""The linear layers of the runtime: one interface, three GEMM paths.
+"""The GEMM paths of the runtime's linears, swapped into a filled model (as gpt-fast swaps quantised linears).
 
-* ``TorchLinear``: ``F.linear`` on a dense weight. The CPU path and the reference.
+* ``nn.Linear``: what the model declares; ``F.linear`` on a dense weight. The CPU path and the reference.
 * ``PluginDenseLinear``: ft_plugin's cuBLASLt GEMM (the dense baseline of the benchmarks).
-* ``PluginSparseLinear``: ft_plugin's cuSPARSELt 2:4 GEMM on a compressed weight (plan + searched
-  algorithm cached per shape); the dense copy is dropped once compressed.
-The decoder switches between dense and sparse with one flag, and every path takes an optional fused
-ReLU epilogue (OPT's fc1).
+* ``PluginSparseLinear``: ft_plugin's cuSPARSELt 2:4 GEMM on a compressed weight (plan + searched algorithm
+  cached per shape); the dense copy is dropped once compressed.
+``swap_linears`` replaces a block's ``nn.Linear`` modules in place, fusing a following ReLU into the GEMM's
+epilogue where the block allows it (OPT's w1).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-class TorchLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False):
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.relu = relu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        return F.relu(y) if self.relu else y
+BACKENDS = ("torch", "dense", "sparse")
 
 
 class PluginDenseLinear(nn.Module):
@@ -32,7 +21,9 @@ class PluginDenseLinear(nn.Module):
         super().__init__()
         from esparse.ft_plugin import ops
 
-        self.weight, self.bias, self.relu, self._ops = weight, bias, relu, ops
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.relu, self._ops = relu, ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._ops.dense_linear(x, self.weight, self.bias, "relu" if self.relu else "none")
@@ -44,18 +35,31 @@ class PluginSparseLinear(nn.Module):
         from esparse.ft_plugin import ops
 
         self.sparse = ops.SparseWeight(weight)  # validates 2:4 on the GPU, keeps only the compressed copy
-        self.bias, self.relu, self._ops = bias, relu, ops
+        self.register_buffer("bias", bias)
+        self.relu, self._ops = relu, ops
+
+    def compressed_bytes(self) -> int:
+        """Device bytes of the compressed weight (values and cuSPARSELt's metadata)."""
+        return self.sparse.nbytes()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._ops.sparse_linear(x, self.sparse, self.bias, "relu" if self.relu else "none")
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, backend: str, relu: bool = False) -> nn.Module:
-    """backend: torch | dense | sparse (the last two need the built plugin and a CUDA device)."""
+def swap_linears(block: nn.Module, backend: str) -> None:
+    """Put every ``nn.Linear`` of ``block`` on ``backend`` (torch | dense | sparse; the last two need the built
+    plugin and a CUDA device). A module with ``relu_fused`` and no gate gets its w1's ReLU in the epilogue."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown linear backend {backend!r}")
     if backend == "torch":
-        return TorchLinear(weight, bias, relu)
-    if backend == "dense":
-        return PluginDenseLinear(weight, bias, relu)
-    if backend == "sparse":
-        return PluginSparseLinear(weight, bias, relu)
-    raise ValueError(f"unknown linear backend {backend!r}")
+        return
+    make = PluginSparseLinear if backend == "sparse" else PluginDenseLinear
+    for parent in list(block.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            relu = name == "w1" and hasattr(parent, "relu_fused") and not parent.gated
+            bias = None if child.bias is None else child.bias.detach()
+            setattr(parent, name, make(child.weight.detach(), bias, relu))
+            if relu:
+                parent.relu_fused = True

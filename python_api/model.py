@@ -1,10 +1,14 @@
-"""The decoder runtime (LLaMA and OPT) over an exported FasterTransformer-layout folder.
+"""The decoder (LLaMA and OPT), in one file, with the names of the papers (as gpt-fast writes it).
 
-Data flows one way: ``load_decoder`` reads and validates the folder (esparse.format.ft_loader), moves each
-tensor once to the device, and builds a :class:`Decoder` whose linears are all on one GEMM path. Channel
-permutations cost nothing extra: producers' rows were permuted at export, and each norm that feeds a
-permuted group gathers its input at P (norm statistics are permutation invariant) with its gain gathered
-once at load.
+``Transformer`` declares its modules from an :class:`FTConfig` alone (on the meta device, no memory):
+token (and, for OPT, learned position) embeddings, ``layers`` of :class:`TransformerBlock` (attention_norm ->
+attention [wqkv, wo] -> ffn_norm -> feed_forward [w1, w2]), a final ``norm`` and the ``output`` projection.
+The family description (esparse.format.families) says which norm, which positions and which MLP. Weights are
+put in by the loader (python_api/loader.py), and the sparse or plugin-dense path then swaps the blocks' linears
+(python_api/linear.py); this file knows nothing of files or GEMM backends.
+
+Channel permutations cost nothing extra: producers' rows were permuted at export, and a norm that feeds a
+permuted group gathers its input at P (norm statistics are permutation invariant), its gain gathered at load.
 
 KV cache: preallocated [layers, batch, kv_heads, max_len, head_dim]. Prompts of different lengths are left
 padded, so every sequence writes the same cache slot at each step; ``pad`` [B] says where each starts.
@@ -12,9 +16,7 @@ padded, so every sequence writes the same cache slot at each step; ``pad`` [B] s
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +24,13 @@ from torch import nn
 
 from esparse.errors import EsparseError
 from esparse.format.families import family
-from esparse.format.ft_format import FTConfig, linear_specs, perm_names
-from esparse.format.ft_loader import FTWeights, load_ft
+from esparse.format.ft_format import FTConfig
 
-from .linear import make_linear
-
-log = logging.getLogger(__name__)
+# Where each sharing group's linear and norm sit inside a TransformerBlock: the loader fills them by group, so
+# this table is the whole mapping from the FT format to the modules, for every family.
+LINEAR_OF_GROUP = {"attn_in": "attention.wqkv", "attn_out": "attention.wo", "mlp_in": "feed_forward.w1",
+                   "mlp_out": "feed_forward.w2"}
+NORM_OF_GROUP = {"attn_in": "attention_norm", "mlp_in": "ffn_norm"}
 
 
 @dataclass
@@ -48,16 +51,13 @@ class KVCache:
 
 
 class Norm(nn.Module):
-    """RMSNorm (LLaMA) or LayerNorm (OPT), optionally writing its output gathered at a permutation."""
+    """RMSNorm (LLaMA) or LayerNorm (OPT); ``permuted``: its output is gathered at the group's permutation."""
 
-    def __init__(self, weight, bias, eps: float, rms: bool, perm: torch.Tensor | None):
+    def __init__(self, dim: int, eps: float, rms: bool, permuted: bool = False):
         super().__init__()
-        if perm is not None:
-            weight = weight[perm]
-            bias = None if bias is None else bias[perm]
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-        self.register_buffer("perm", perm)
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.bias = None if rms else nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.register_buffer("perm", torch.empty(dim, dtype=torch.long) if permuted else None)
         self.eps, self.rms = eps, rms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,91 +75,109 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
-class Layer(nn.Module):
-    def __init__(self, cfg: FTConfig, w: FTWeights, i: int, backend: str, device, dtype):
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query key/value heads: wqkv [q | k | v] in one GEMM, then wo."""
+
+    def __init__(self, cfg: FTConfig, qkv_bias: bool, o_bias: bool):
         super().__init__()
-        self.cfg = cfg
-        fam = self.family = family(cfg.arch)
-        rms = fam.rms_norm
-        p = f"model.layers.{i}."
-        pn = perm_names(cfg, i)
-        t = lambda x: None if x is None else x.to(device=device, dtype=dtype)
-        perm = lambda g: w.perms[pn[g]].to(device) if pn[g] in w.perms else None
-        self.attn_norm = Norm(t(w.tensors[p + "input_layernorm.weight"]), t(w.tensors.get(p + "input_layernorm.bias")),
-                              cfg.eps, rms, perm("attn_in"))
-        self.mlp_norm = Norm(t(w.tensors[p + "post_attention_layernorm.weight"]),
-                             t(w.tensors.get(p + "post_attention_layernorm.bias")), cfg.eps, rms, perm("mlp_in"))
-        specs = {s.name.split(".", 3)[3]: s for s in linear_specs(cfg, i)}
+        self.n_head, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv, cfg.head_dim
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.hidden, q + 2 * kv, bias=qkv_bias)
+        self.wo = nn.Linear(q, cfg.hidden, bias=o_bias)
 
-        def lin(key: str, relu: bool = False, fuse_with: str | None = None):
-            name = specs[key].name
-            weight = w.dense(name)
-            if fuse_with is not None:  # gate and up read one input: one GEMM of 2x the rows
-                weight = torch.cat([weight, w.dense(specs[fuse_with].name)], 0)
-            bname = specs[key].bias_name  # column-parallel biases are split per rank, row-parallel ones are whole
-            bias = w.biases.get(bname) if specs[key].parallel == "col" else w.tensors.get(bname)
-            return make_linear(t(weight), t(bias), backend, relu)
-
-        self.qkv = lin("attention.query_key_value.weight")
-        self.o = lin("attention.dense.weight")
-        up = [f.stem + ".weight" for f in fam.ft_linears if f.group == "mlp_in"]
-        down = fam.ft_linear("mlp_out", "row").stem + ".weight"
-        if fam.gated_mlp:  # gate and up read one input: one GEMM of 2x the rows
-            self.gate_up = lin(up[0], fuse_with=up[1])
-            self.down = lin(down)
-        else:
-            self.fc1 = lin(up[0], relu=True)
-            self.fc2 = lin(down)
-
-    def forward(self, x, cos, sin, cache: KVCache, i: int, slot: torch.Tensor, mask, attend: int | None):
-        cfg = self.cfg
+    def forward(self, x, rope, cache: KVCache, i: int, slot: torch.Tensor, mask, attend: int | None):
         b, t, _ = x.shape
-        d, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv
-        qkv = self.qkv(self.attn_norm(x))
-        q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+        d, nh, nkv = self.head_dim, self.n_head, self.n_kv
+        q, k, v = self.wqkv(x).split([nh * d, nkv * d, nkv * d], dim=-1)
         q = q.view(b, t, nh, d).transpose(1, 2)
         k = k.view(b, t, nkv, d).transpose(1, 2)
         v = v.view(b, t, nkv, d).transpose(1, 2)
-        if cos is not None:
+        if rope is not None:
+            cos, sin = rope
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
         cache.k[i].index_copy_(2, slot, k)
         cache.v[i].index_copy_(2, slot, v)
         if mask is None:  # prefill without padding: causal attention over the new tokens only
-            att = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nh)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nh)
         else:
             kk, vv = cache.k[i], cache.v[i]
             if attend is not None:
                 kk, vv = kk[:, :, :attend], vv[:, :, :attend]
-            att = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=nkv != nh)
-        x = x + self.o(att.transpose(1, 2).reshape(b, t, nh * d))
-        h = self.mlp_norm(x)
-        if self.family.gated_mlp:
-            gate, up = self.gate_up(h).chunk(2, dim=-1)
-            return x + self.down(F.silu(gate) * up)
-        return x + self.fc2(self.fc1(h))
+            y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=nkv != nh)
+        return self.wo(y.transpose(1, 2).reshape(b, t, nh * d))
 
 
-class Decoder(nn.Module):
-    """A LLaMA/OPT decoder over exported weights; ``backend`` is torch, dense (cuBLASLt) or sparse."""
+class FeedForward(nn.Module):
+    """SwiGLU (w2(silu(x W_gate) * x W_up), gate and up stacked in w1: one GEMM) or ReLU (w2(relu(x w1)))."""
 
-    def __init__(self, w: FTWeights, device="cpu", dtype=torch.float16, backend: str = "torch"):
+    def __init__(self, dim: int, hidden_dim: int, gated: bool, w1_bias: bool, w2_bias: bool):
         super().__init__()
-        cfg = self.cfg = w.cfg
-        fam = self.family = family(cfg.arch)
-        self.backend, self.device, self.dtype = backend, torch.device(device), dtype
+        self.gated = gated
+        self.w1 = nn.Linear(dim, 2 * hidden_dim if gated else hidden_dim, bias=w1_bias)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=w2_bias)
+        self.relu_fused = False  # set when a swapped-in w1 applies the ReLU in its GEMM epilogue
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w1(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif not self.relu_fused:
+            h = F.relu(h)
+        return self.w2(h)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: FTConfig):
+        super().__init__()
+        fam = family(cfg.arch)
+        bias = {f.group: f.bias for f in fam.ft_linears}
+        self.attention_norm = Norm(cfg.hidden, cfg.eps, fam.rms_norm, "attn_in" in cfg.permuted)
+        self.attention = Attention(cfg, bias["attn_in"], bias["attn_out"])
+        self.ffn_norm = Norm(cfg.hidden, cfg.eps, fam.rms_norm, "mlp_in" in cfg.permuted)
+        self.feed_forward = FeedForward(cfg.hidden, cfg.inter, fam.gated_mlp, bias["mlp_in"], bias["mlp_out"])
+
+    def forward(self, x, rope, cache: KVCache, i: int, slot: torch.Tensor, mask, attend: int | None):
+        h = x + self.attention(self.attention_norm(x), rope, cache, i, slot, mask, attend)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """A LLaMA/OPT decoder: declared from the config, filled by the loader, linears swapped by the backend."""
+
+    def __init__(self, cfg: FTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.family = fam = family(cfg.arch)
+        self.tok_embeddings = nn.Embedding(cfg.vocab, cfg.hidden)
+        self.pos_embeddings = None if fam.rotary else nn.Embedding(cfg.max_pos, cfg.hidden)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = Norm(cfg.hidden, cfg.eps, fam.rms_norm)
+        self.output = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
+        self.register_buffer("inv_freq", None, persistent=False)
+        self.backend = "torch"
         self._graphs: dict[tuple[int, int], tuple[KVCache, GraphDecodeStep]] = {}
-        t = lambda x: x.to(device=device, dtype=dtype)
-        self.register_buffer("wte", t(w.tensors[fam.ft_embed]))
-        self.register_buffer("wpe", None if fam.rotary else t(w.tensors["model.wpe"]))
-        self.layers = nn.ModuleList(Layer(cfg, w, i, backend, device, dtype) for i in range(cfg.n_layers))
-        self.final_norm = Norm(t(w.tensors["model.final_layernorm.weight"]),
-                               None if fam.rms_norm else t(w.tensors["model.final_layernorm.bias"]),
-                               cfg.eps, fam.rms_norm, None)
-        self.register_buffer("lm_head", t(w.tensors["model.lm_head.weight"]))
-        if fam.rotary:
-            inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
-            self.register_buffer("inv_freq", inv.to(device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def setup_rope(self) -> None:
+        """The rotary frequencies, on the weights' device (called once the weights are in)."""
+        if self.family.rotary:
+            d = self.cfg.head_dim
+            steps = torch.arange(0, d, 2, dtype=torch.float32, device=self.device) / d
+            self.inv_freq = 1.0 / (self.cfg.rope_theta ** steps)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        if max_len > self.cfg.max_pos:
+            raise EsparseError(f"{max_len} tokens exceed the model's {self.cfg.max_pos} positions")
+        return KVCache.empty(self.cfg, batch, max_len, self.device, self.dtype)
 
     def graph_step(self, batch: int, max_len: int) -> tuple[KVCache, GraphDecodeStep]:
         """A decode step captured in a CUDA graph for ``batch`` sequences, with its own cache of at least
@@ -171,14 +189,9 @@ class Decoder(nn.Module):
             self._graphs[key] = (cache, GraphDecodeStep(self, cache))
         return self._graphs[key]
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        if max_len > self.cfg.max_pos:
-            raise EsparseError(f"{max_len} tokens exceed the model's {self.cfg.max_pos} positions")
-        return KVCache.empty(self.cfg, batch, max_len, self.device, self.dtype)
-
     def _rope(self, pos: torch.Tensor):
-        if not self.family.rotary:
-            return None, None
+        if self.inv_freq is None:
+            return None
         freqs = pos[..., None].float() * self.inv_freq  # [B, T, d/2]
         emb = torch.cat([freqs, freqs], -1)[:, None]  # [B, 1, T, d]
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
@@ -197,10 +210,10 @@ class Decoder(nn.Module):
         else:
             slot = start + torch.arange(t, device=dev)
         pos = (slot[None, :] - cache.pad[:, None]).clamp_min(0)  # [B, T]
-        x = F.embedding(ids, self.wte)
-        if self.wpe is not None:
-            x = x + F.embedding(pos, self.wpe)
-        cos, sin = self._rope(pos)
+        x = self.tok_embeddings(ids)
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(pos)
+        rope = self._rope(pos)
         plain = t > 1 and isinstance(start, int) and start == 0 and not bool((cache.pad > 0).any())
         mask = None
         if not plain:
@@ -210,16 +223,22 @@ class Decoder(nn.Module):
             mask = mask | (keys[None, None, :] == slot[None, :, None])  # padded queries see themselves
             mask = mask[:, None]  # [B, 1, T, S]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, slot, mask, attend)
+            x = layer(x, rope, cache, i, slot, mask, attend)
         if not all_logits:
             x = x[:, -1:]
-        return F.linear(self.final_norm(x), self.lm_head).float()
+        return self.output(self.norm(x)).float()
+
+    def weight_bytes(self) -> int:
+        """Bytes of all weights as held on the device (compressed sparse weights count compressed)."""
+        tensors = [*self.parameters(), *(b for b in self.buffers() if b.is_floating_point())]
+        total = sum(t.numel() * t.element_size() for t in tensors)
+        return total + sum(m.compressed_bytes() for m in self.modules() if hasattr(m, "compressed_bytes"))
 
 
 class GraphDecodeStep:
     """One decode step captured in a CUDA graph for a fixed batch size and cache."""
 
-    def __init__(self, model: Decoder, cache: KVCache):
+    def __init__(self, model: Transformer, cache: KVCache):
         self.model, self.cache = model, cache
         b = cache.k.shape[1]
         self.ids = torch.zeros(b, 1, dtype=torch.long, device=model.device)
@@ -239,47 +258,3 @@ class GraphDecodeStep:
         self.slot.fill_(slot)
         self.graph.replay()
         return self.logits
-
-
-def default_backend(device: torch.device, sparse: bool) -> str:
-    if device.type != "cuda":
-        if sparse:
-            raise EsparseError("the sparse path needs a CUDA GPU with sparse tensor cores; use --dense on the CPU")
-        return "torch"
-    from esparse.ft_plugin import build_info
-
-    info = build_info()
-    if not info.built:
-        if sparse:
-            raise EsparseError(f"the sparse path needs the compiled ft_plugin ({info.reason}); use --dense")
-        log.warning("ft_plugin not built (%s): dense linears run on torch", info.reason)
-        return "torch"
-    return "sparse" if sparse else "dense"
-
-
-def load_decoder(path: str | Path, device: str = "cuda", dtype: torch.dtype = torch.float16, sparse: bool = False,
-                 backend: str | None = None, tp: int | None = None) -> Decoder:
-    """Load an exported folder onto one device. ``sparse`` puts every 2:4 linear on cuSPARSELt."""
-    w = load_ft(Path(path), tp)
-    dev = torch.device(device)
-    if w.cfg.tp != 1:
-        log.info("reassembled %d tensor-parallel shards for one device", w.cfg.tp)
-    if sparse and w.cfg.nm != (2, 4):
-        raise EsparseError(f"{path} is {w.cfg.sparsity or 'dense'}: the sparse path serves 2:4 models; use --dense")
-    be = backend or default_backend(dev, sparse)
-    model = Decoder(w, dev, dtype, be)
-    log.info("loaded %s (%s, %d layers) on %s with %s linears", path, w.cfg.arch, w.cfg.n_layers, dev, be)
-    return model.eval()
-
-
-def weight_bytes(model: Decoder) -> int:
-    """Bytes of all weights as held on the device (compressed sparse weights count compressed)."""
-    total = sum(b.numel() * b.element_size() for b in model.buffers() if b is not None and b.is_floating_point())
-    for mod in model.modules():
-        if hasattr(mod, "sparse"):
-            total += mod.sparse.nbytes()
-        elif hasattr(mod, "weight") and isinstance(mod.weight, torch.Tensor) and not isinstance(mod, Norm):
-            total += mod.weight.numel() * mod.weight.element_size()
-    return total
-
-

@@ -55,6 +55,38 @@ def test_pack_known_bytes_2_4():
     assert p.meta.tolist() == [[0b01_00_11_01]]  # LSB first: 1, 3, 0, 1
 
 
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+def test_packed_index_check_agrees_with_unpacking(n, m):
+    """The byte-table check (used where groups tile whole bytes) refuses exactly what unpacking refuses, and
+    names the same row and group."""
+    from esparse.format.nm_pack import check_packed, check_positions, unpack_indices
+
+    g = torch.Generator().manual_seed(n * 10 + m)
+    rows, k = 12, 64
+    w = torch.randn(rows, k, generator=g)
+    meta = pack_nm(w * nm_mask(w.abs(), n, m), n, m).meta
+    check_packed(meta, k, n, m)  # valid
+    refused = 0
+    for trial in range(40):
+        bad = meta.clone()
+        r, b = trial % rows, (7 * trial) % meta.shape[1]
+        bad[r, b] = torch.randint(0, 256, (1,), generator=g).to(torch.uint8)
+        pos = unpack_indices(bad, k, n, m).reshape(rows, k // m, n)
+        try:
+            check_positions(pos, m)
+            want = None
+        except EsparseError as e:
+            want = str(e)
+        try:
+            check_packed(bad, k, n, m)
+            got = None
+        except EsparseError as e:
+            got = str(e)
+        assert got == want
+        refused += want is not None
+    assert refused > 0 or n == 1  # 1:4 has no invalid byte (every 2-bit position is in its group)
+
+
 def test_pack_refuses_non_nm():
     with pytest.raises(EsparseError, match="not 2:4 sparse: row 0, group 0"):
         pack_nm(torch.ones(2, 8), 2, 4)

@@ -94,7 +94,7 @@ def test_cpu_fallback_errors_name_the_dense_path():
     assert not info.built and info.reason
     with pytest.raises(EsparseError, match="unavailable"):
         import esparse.ft_plugin.ops  # noqa: F401
-    from esparse.python_api.model import default_backend
+    from esparse.python_api.loader import default_backend
 
     assert default_backend(torch.device("cpu"), sparse=False) == "torch"
     with pytest.raises(EsparseError, match="--dense"):

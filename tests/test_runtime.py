@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from esparse.cli import main
 from esparse.errors import EsparseError
-from esparse.python_api import load_decoder
+from esparse.python_api import build_decoder, load_decoder
 from esparse.python_api.generate import generate, sample
 
 from helpers import save_model
@@ -127,11 +127,14 @@ def test_random_shape_weights_are_24_and_complete(monkeypatch):
 
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(arch="llama", hidden=64, n_heads=4, n_kv=2, head_dim=16,
                                                    inter=128, n_layers=2, vocab=100, max_pos=64, eps=1e-6))
-    w = bench.random_weights("tiny", "cpu", torch.float32)
-    assert all(is_nm_sparse(t, 2, 4) for t in w.linears.values())
-    model = bench.Decoder(w, "cpu", torch.float32, "torch")
+    src = bench.RandomWeights("tiny", "cpu", torch.float32)
+    lw0, lw1 = src.layer(0), src.layer(1)
+    assert len(lw1.linears) == 5 and all(is_nm_sparse(t, 2, 4) for t in lw1.linears.values())
+    name0, name1 = next(iter(lw0.linears)), next(iter(lw1.linears))
+    assert not torch.equal(lw0.linears[name0], lw1.linears[name1])  # every layer its own weights
+    model = build_decoder(src, "cpu", torch.float32, "torch")
     res = bench.measure(model, 8, [1, 2], 2, graphs=False)
-    assert res["prefill_s"] > 0 and set(res["decode_tok_s"]) == {1, 2}
+    assert res["prefill_s"] > 0 and set(res["decode_tok_s"]) == {1, 2} and res["first_prefill_s"] > 0
 
 
 def test_benchmark_gemm_shapes_come_from_the_family_description():
@@ -143,3 +146,41 @@ def test_benchmark_gemm_shapes_come_from_the_family_description():
     assert gemm_shapes("opt-6.7b") == [("qkv", 12288, 4096), ("o", 4096, 4096), ("fc1", 16384, 4096),
                                        ("fc2", 4096, 16384)]
     assert gemm_shapes("smollm2-135m")[0] == ("qkv", 9 * 64 + 2 * 3 * 64, 576)  # grouped-query attention
+
+
+def test_the_loader_reads_one_layer_at_a_time_and_keeps_none(exported):
+    """build_decoder asks for layers in order and drops each one's stored tensors before the next: what it
+    holds is the model being filled, never a second copy of the folder."""
+    import weakref
+
+    from esparse.format.ft_loader import FTFolder
+
+    folder = FTFolder(exported["pruned"][1])
+    asked, alive = [], []
+
+    class Watched:
+        cfg = folder.cfg
+
+        def model_tensors(self):
+            return folder.model_tensors()
+
+        def layer(self, i):
+            assert all(r() is None for r in alive), "the previous layer's stored tensors are still held"
+            asked.append(i)
+            lw = folder.layer(i)
+            alive.append(weakref.ref(lw))
+            return lw
+
+    model = build_decoder(Watched(), "cpu", torch.float32, "torch")
+    assert asked == list(range(folder.cfg.n_layers))
+    ref = load_decoder(exported["pruned"][1], device="cpu", dtype=torch.float32)
+    ids = torch.randint(3, 300, (1, 9), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(model(ids, model.new_cache(1, 16), 0), ref(ids, ref.new_cache(1, 16), 0))
+
+
+def test_modules_carry_the_paper_names(exported):
+    rt = load_decoder(exported["pruned"][1], device="cpu", dtype=torch.float32)
+    names = {n for n, _ in rt.named_modules()}
+    assert {"tok_embeddings", "layers.0.attention_norm", "layers.0.attention.wqkv", "layers.0.attention.wo",
+            "layers.0.ffn_norm", "layers.0.feed_forward.w1", "layers.0.feed_forward.w2", "norm", "output"} <= names
+    assert not any(p.device.type == "meta" for p in [*rt.parameters(), *rt.buffers()])

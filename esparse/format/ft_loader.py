@@ -8,6 +8,7 @@ found is named. Tensor-parallel shards are reassembled, so a tp=4 folder loads t
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from .ft_format import (
     replicated_specs,
     verify_checksums,
 )
-from .nm_pack import PackedNM, check_positions, pack_indices, unpack_indices
+from .nm_pack import PackedNM, check_packed, index_bits, pack_indices, unpack_indices
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ def _read(path: Path, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tenso
 
 
 def _merge_rows(parts: list[torch.Tensor], spec: LinearSpec, tp: int) -> torch.Tensor:
-    """Inverse of the column-parallel split: per segment, concatenate the ranks' slices."""
+    """Inverse of the column-parallel split: per segment, concatenate the ranks' slices (any tensor whose rows
+    are the output rows: dense weights, N:M values, N:M metadata, biases)."""
     out, start = [], 0
     for seg in spec.segments:
         step = seg // tp
@@ -102,42 +104,105 @@ def _merge_rows(parts: list[torch.Tensor], spec: LinearSpec, tp: int) -> torch.T
     return torch.cat(out, 0)
 
 
-def load_ft(path: Path, tp: int | None = None) -> FTWeights:
-    folder = resolve_folder(path, tp)
-    cfg = read_config(folder / "config.ini")
-    if tp is not None and cfg.tp != tp:
-        raise EsparseError(f"{folder} was written for tp={cfg.tp}, not {tp}")
-    validate(folder, cfg)
-    dt = cfg.torch_dtype
-    out = FTWeights(cfg)
-    for name, (shape, _) in replicated_specs(cfg).items():
-        out.tensors[name] = _read(folder / f"{name}.bin", dt, shape)
-    nm = cfg.nm
-    for i in range(cfg.n_layers):
+@dataclass
+class LayerWeights:
+    """One decoder layer as stored: linears by FT name (dense [out, in] or compressed :class:`PackedNM`, shards
+    merged), the biases of its linears by FT name, its per-layer norm tensors and its permutations by group."""
+
+    index: int
+    linears: dict[str, torch.Tensor | PackedNM] = field(default_factory=dict)
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # by FT name (model.layers.0.input_layernorm...)
+    perms: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> int64 [K]
+
+
+class FTFolder:
+    """A validated exported folder, read a layer at a time: a loader holds one layer's tensors at once, and
+    compressed linears stay compressed (tensor-parallel shards are merged on the packed bytes)."""
+
+    def __init__(self, path: Path, tp: int | None = None):
+        self.folder = resolve_folder(path, tp)
+        self.cfg = read_config(self.folder / "config.ini")
+        if tp is not None and self.cfg.tp != tp:
+            raise EsparseError(f"{self.folder} was written for tp={self.cfg.tp}, not {tp}")
+        validate(self.folder, self.cfg)
+
+    def _file(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        return _read(self.folder / f"{name}.bin", dtype, shape)
+
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors outside the decoder layers (embeddings, final norm, lm_head), by FT name."""
+        return {name: self._file(name, self.cfg.torch_dtype, shape)
+                for name, (shape, _) in replicated_specs(self.cfg).items() if not name.startswith("model.layers.")}
+
+    def layer(self, i: int) -> LayerWeights:
+        cfg, dt, nm = self.cfg, self.cfg.torch_dtype, self.cfg.nm
+        out = LayerWeights(i)
+        prefix = f"model.layers.{i}."
+        for name, (shape, _) in replicated_specs(cfg).items():
+            if name.startswith(prefix):
+                out.tensors[name] = self._file(name, dt, shape)
         for spec in linear_specs(cfg, i):
-            rows, k = rank_rows(spec, cfg.tp), rank_k(spec, cfg.tp)
-            if nm:
-                vals = [_read(folder / f"{spec.name}.{r}.values.bin", dt, (rows, k * nm[0] // nm[1]))
-                        for r in range(cfg.tp)]
-                metas = [_read(folder / f"{spec.name}.{r}.meta.bin", torch.uint8, (rows, -1)) for r in range(cfg.tp)]
-                idx = [unpack_indices(mt, k, *nm) for mt in metas]
-                for r, ix_r in enumerate(idx):  # validated at load: a corrupt index file is never served
-                    where = str(folder / f"{spec.name}.{r}.meta.bin")
-                    check_positions(ix_r.reshape(rows, k // nm[1], nm[0]), nm[1], where)
-                if spec.parallel == "col":
-                    v, ix = _merge_rows(vals, spec, cfg.tp), _merge_rows(idx, spec, cfg.tp)
-                else:
-                    v, ix = torch.cat(vals, 1), torch.cat(idx, 1)
-                out.linears[spec.name] = PackedNM(v, pack_indices(ix, spec.k, *nm), nm[0], nm[1], spec.k)
-            else:
-                parts = [_read(folder / f"{spec.name}.{r}.bin", dt, (k, rows)).t() for r in range(cfg.tp)]
-                merged = _merge_rows(parts, spec, cfg.tp) if spec.parallel == "col" else torch.cat(parts, 1)
-                out.linears[spec.name] = merged.contiguous()
-            if spec.bias and spec.parallel == "col":
+            out.linears[spec.name] = self._packed(spec) if nm else self._dense(spec)
+            if spec.bias:  # column-parallel biases are split per rank, row-parallel ones stored whole
                 bname = spec.bias_name
-                parts = [_read(folder / f"{bname}.{r}.bin", dt, (rows,)) for r in range(cfg.tp)]
-                out.biases[bname] = _merge_rows(parts, spec, cfg.tp)
+                if spec.parallel == "col":
+                    parts = [self._file(f"{bname}.{r}", dt, (rank_rows(spec, cfg.tp),)) for r in range(cfg.tp)]
+                    out.biases[bname] = _merge_rows(parts, spec, cfg.tp)
+                else:
+                    out.biases[bname] = out.tensors.pop(bname)
         for group, stem in perm_names(cfg, i).items():
             if group in cfg.permuted:
-                out.perms[stem] = _read(folder / f"{stem}.bin", torch.int32, (-1,)).long()
+                out.perms[group] = self._file(stem, torch.int32, (-1,)).long()
+        return out
+
+    def layers(self) -> Iterator[LayerWeights]:
+        for i in range(self.cfg.n_layers):
+            yield self.layer(i)
+
+    def _dense(self, spec: LinearSpec) -> torch.Tensor:
+        cfg = self.cfg
+        rows, k = rank_rows(spec, cfg.tp), rank_k(spec, cfg.tp)
+        parts = [self._file(f"{spec.name}.{r}", cfg.torch_dtype, (k, rows)).t() for r in range(cfg.tp)]
+        merged = _merge_rows(parts, spec, cfg.tp) if spec.parallel == "col" else torch.cat(parts, 1)
+        return merged.contiguous()
+
+    def _packed(self, spec: LinearSpec) -> PackedNM:
+        """Values and metadata of every rank, checked, merged without unpacking: rows of a column-parallel
+        split are rows of both; a row-parallel split concatenates each row's values and its metadata bytes
+        (every rank's bit string is whole bytes when K/tp is a multiple of 8 groups' worth; else it is
+        re-packed once)."""
+        cfg = self.cfg
+        n, m = cfg.nm
+        rows, k = rank_rows(spec, cfg.tp), rank_k(spec, cfg.tp)
+        vals, metas = [], []
+        for r in range(cfg.tp):
+            vals.append(self._file(f"{spec.name}.{r}.values", cfg.torch_dtype, (rows, k * n // m)))
+            meta = self._file(f"{spec.name}.{r}.meta", torch.uint8, (rows, -1))
+            check_packed(meta, k, n, m, str(self.folder / f"{spec.name}.{r}.meta.bin"))
+            metas.append(meta)
+        if spec.parallel == "col":
+            return PackedNM(_merge_rows(vals, spec, cfg.tp), _merge_rows(metas, spec, cfg.tp), n, m, spec.k)
+        values = torch.cat(vals, 1)
+        if (k // m * n * index_bits(m)) % 8 == 0:
+            meta = torch.cat(metas, 1)
+        else:
+            meta = pack_indices(torch.cat([unpack_indices(mt, k, n, m) for mt in metas], 1), spec.k, n, m)
+        return PackedNM(values, meta.contiguous(), n, m, spec.k)
+
+
+def load_ft(path: Path, tp: int | None = None) -> FTWeights:
+    """The whole folder in memory (tools and tests); the runtime reads it a layer at a time (:class:`FTFolder`)."""
+    src = FTFolder(path, tp)
+    out = FTWeights(src.cfg)
+    out.tensors.update(src.model_tensors())
+    for i in range(src.cfg.n_layers):
+        lw = src.layer(i)
+        out.tensors.update(lw.tensors)
+        out.linears.update(lw.linears)
+        for spec in linear_specs(src.cfg, i):
+            if spec.bias:
+                (out.biases if spec.parallel == "col" else out.tensors)[spec.bias_name] = lw.biases[spec.bias_name]
+        names = perm_names(src.cfg, i)
+        out.perms.update({names[g]: p for g, p in lw.perms.items()})
     return out

@@ -14,6 +14,7 @@ a weight that happens to hold exact zeros.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -40,6 +41,10 @@ class PackedNM:
 
     def to_dense(self) -> torch.Tensor:
         return unpack_nm(self)
+
+    def to(self, device: torch.device | str) -> PackedNM:
+        """The same packed tensor on ``device`` (the runtime moves 0.5625x the bytes, then unpacks there)."""
+        return PackedNM(self.values.to(device), self.meta.to(device), self.n, self.m, self.k)
 
 
 def _positions(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -82,13 +87,45 @@ def pack_indices(idx: torch.Tensor, k: int, n: int, m: int) -> torch.Tensor:
 
 
 def unpack_indices(meta: torch.Tensor, k: int, n: int, m: int) -> torch.Tensor:
-    """In-group positions [rows, K*N/M] (int64) from packed metadata."""
+    """In-group positions [rows, K*N/M] (int64) from packed metadata (on the metadata's device)."""
     rows = meta.shape[0]
     bits = index_bits(m)
     count = k // m * n
-    bitplanes = ((meta.to(torch.int64)[:, :, None] >> torch.arange(8)) & 1).reshape(rows, -1)
+    dev = meta.device
+    bitplanes = ((meta.to(torch.int64)[:, :, None] >> torch.arange(8, device=dev)) & 1).reshape(rows, -1)
     bitplanes = bitplanes[:, : count * bits].reshape(rows, count, bits)
-    return (bitplanes << torch.arange(bits)).sum(-1)
+    return (bitplanes << torch.arange(bits, device=dev)).sum(-1)
+
+
+@functools.cache
+def _valid_bytes(n: int, m: int) -> torch.Tensor | None:
+    """bool [256]: which metadata bytes hold only valid groups, when groups tile a byte exactly (2:4: two
+    groups of two 2-bit positions per byte); None otherwise."""
+    group_bits = n * index_bits(m)
+    if 8 % group_bits:
+        return None
+    byte = torch.arange(256)
+    pos = ((byte[:, None] >> torch.arange(0, 8, index_bits(m))) & (2 ** index_bits(m) - 1)).reshape(256, -1, n)
+    ok = (pos < m).all(-1)
+    if n > 1:
+        ok &= (pos[..., 1:] > pos[..., :-1]).all(-1)
+    return ok.all(-1)
+
+
+def check_packed(meta: torch.Tensor, k: int, n: int, m: int, where: str = "packed indices") -> None:
+    """Refuse metadata [rows, bytes] holding a position that is out of its group or not strictly ascending,
+    without unpacking it when the groups tile whole bytes (a table lookup per byte); else by unpacking."""
+    table = _valid_bytes(n, m)
+    if table is None or (k // m * n * index_bits(m)) % 8:
+        check_positions(unpack_indices(meta, k, n, m).reshape(meta.shape[0], k // m, n), m, where)
+        return
+    bad_rows = (~table.to(meta.device)[meta.long()]).any(-1)
+    if bool(bad_rows.any()):
+        r = int(bad_rows.nonzero()[0])
+        try:
+            check_positions(unpack_indices(meta[r : r + 1], k, n, m).reshape(1, k // m, n), m, where)
+        except EsparseError as e:  # name the row in the whole tensor, not in the one-row slice
+            raise EsparseError(str(e).replace(f"{where}: row 0,", f"{where}: row {r},", 1)) from None
 
 
 def check_positions(pos: torch.Tensor, m: int, where: str = "packed indices") -> None:
@@ -107,6 +144,6 @@ def unpack_nm(p: PackedNM, where: str = "packed indices") -> torch.Tensor:
     rows = p.values.shape[0]
     pos = unpack_indices(p.meta, p.k, p.n, p.m).reshape(rows, p.k // p.m, p.n)
     check_positions(pos, p.m, where)
-    dense = torch.zeros(rows, p.k // p.m, p.m, dtype=p.values.dtype)
+    dense = torch.zeros(rows, p.k // p.m, p.m, dtype=p.values.dtype, device=p.values.device)
     dense.scatter_(2, pos, p.values.reshape(rows, p.k // p.m, p.n))
     return dense.reshape(rows, p.k)
