@@ -141,6 +141,12 @@ def sparse_linear(x: torch.Tensor, w: SparseWeight, bias: torch.Tensor | None = 
     return y
 
 
+def plan_inits() -> int:
+    """cuSPARSELt matmul plans built so far in this process: one per (shape, padded M, epilogue, algorithm,
+    bias pointer), shared by every weight with that key."""
+    return int(torch.ops.esparse.plan_inits())
+
+
 def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, act: str = "none"):
     if x.dim() == 0 or w.dim() != 2 or x.shape[-1] != w.shape[1] or x.dtype != w.dtype:
         raise EsparseError(f"dense_linear: input {tuple(x.shape)} {x.dtype} does not fit weight {tuple(w.shape)} "

@@ -14,7 +14,7 @@ def tune_folder(model: Path, m: str, dtype_name: str) -> list[str]:
 
     from esparse.errors import EsparseError
     from esparse.format.families import family
-    from esparse.format.ft_loader import load_ft
+    from esparse.format.ft_loader import FTFolder
 
     if not torch.cuda.is_available():
         raise EsparseError("esparse tune needs a CUDA GPU with sparse tensor cores (sm_80 or newer)")
@@ -23,9 +23,10 @@ def tune_folder(model: Path, m: str, dtype_name: str) -> list[str]:
     if not ops.CUSPARSELT.tuned:
         raise EsparseError(f"cuSPARSELt {ops.CUSPARSELT.version_str} runs its default algorithm only; nothing to "
                            f"tune. For tuned algorithms: {ops.cusparselt.install_command()}")
-    w = load_ft(model)
-    if w.cfg.nm != (2, 4):
-        raise EsparseError(f"{model} is {w.cfg.sparsity or 'dense'}: tuning is for 2:4 models")
+    src = FTFolder(model)
+    if src.cfg.nm != (2, 4):
+        raise EsparseError(f"{model} is {src.cfg.sparsity or 'dense'}: tuning is for 2:4 models")
+    layer0 = {name: w.to_dense() for name, w in src.layer(0).linears.items()}  # every layer has these shapes
     dtype = torch.float16 if dtype_name == "fp16" else torch.bfloat16
     try:
         ms = [int(v) for v in m.split(",")]
@@ -34,14 +35,12 @@ def tune_folder(model: Path, m: str, dtype_name: str) -> list[str]:
     if not ms or min(ms) < 1:
         raise EsparseError(f"--m token counts must be >= 1, got {m!r}")
     shapes: dict[tuple[int, int], torch.Tensor] = {}
-    layer0 = [n for n in w.linears if n.startswith("model.layers.0.")]
-    for name in layer0:
-        d = w.dense(name)
+    for d in layer0.values():
         shapes.setdefault(tuple(d.shape), d)
-    fam = family(w.cfg.arch)
+    fam = family(src.cfg.arch)
     if fam.gated_mlp:  # the runtime fuses gate and up into one GEMM
         gate, up = (f"model.layers.0.{f.stem}.weight" for f in fam.ft_linears if f.group == "mlp_in")
-        fused = torch.cat([w.dense(gate), w.dense(up)])
+        fused = torch.cat([layer0[gate], layer0[up]])
         shapes.setdefault(tuple(fused.shape), fused)
     lines = []
     for (n, k), dense in shapes.items():

@@ -252,6 +252,10 @@ def bench_models(source: WeightSource | Path, backends: list[str], device, dtype
             load.update(resident_bytes=torch.cuda.memory_allocated(), load_peak_bytes=torch.cuda.max_memory_allocated())
         log.info("benchmarking %s (built in %.1f s)", be, load["load_s"])
         results[be] = {**load, **measure(model, prompt_len, batches, steps, graphs)}
+        if be == "sparse":
+            from esparse.ft_plugin import ops
+
+            results[be]["plan_inits"] = ops.plan_inits()  # cuSPARSELt plans this process built (shared per shape)
         del model
     return results
 

@@ -10,6 +10,7 @@
 #   accuracy bench/accuracy.py, full protocol, seeds $SEEDS (default 0,1,2) over $VARIANTS (WikiText-2 at .dev/wt)
 # Carry folders come from scripts/device_assets.sh (and ../shared/tools/cusparselt010.sh for cuSPARSELt 0.10).
 # ESPARSE_CUSPARSELT=/root/cslt/lib/libcusparseLt.so.0 runs a stage on the private cuSPARSELt 0.10.
+# gemm and e2e stop after GEMM_TIMEOUT / E2E_TIMEOUT seconds (a device call has 600), keeping what they wrote.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -25,10 +26,10 @@ for stage in "$@"; do
         | tee "$OUT/setup.log" ;;
     env) .venv/bin/esparse env 2>&1 | tee "$OUT/env-$tag.txt" ;;
     test) $py -m pytest -q -rs -m "gpu and not real" tests 2>&1 | tee "$OUT/gpu-$tag.log" | tail -40 ;;
-    gemm) $py bench/gemm.py --models ${GEMM_MODELS:-llama-7b,llama-13b} --ms 1,8,16,32,64,128,1024,2048,4096 --iters 30 \
+    gemm) timeout "${GEMM_TIMEOUT:-400}" $py bench/gemm.py --models ${GEMM_MODELS:-llama-7b,llama-13b} --ms 1,8,16,32,64,128,1024,2048,4096 --iters 30 \
             --no-torch-sparse --out "$OUT/gemm-$tag" 2>&1 | tee "$OUT/gemm-$tag.log" | tail -80 ;;
     e2e) for s in ${SHAPES:-llama-7b}; do
-           .venv/bin/esparse bench --shape "$s" --batches 1,4,16,64 --prompt-len 2048 --decode-steps 32 \
+           timeout "${E2E_TIMEOUT:-300}" .venv/bin/esparse bench --shape "$s" --batches 1,4,16,64 --prompt-len 2048 --decode-steps 32 \
              --out "$OUT/e2e-$tag-$s" 2>&1 | tee "$OUT/e2e-$tag-$s.log" | tail -14
          done ;;
     assets) c=${ESPARSE_CACHE:-$HOME/.cache/esparse}; mkdir -p "$c/smollm2" && cp -r .dev/g3/text "$c/"

@@ -98,6 +98,25 @@ def test_llama_7b_shapes_match_fp32():
             assert _rel(ops.sparse_linear(x, sw), x.float() @ w.float().t()) <= BOUND, (n, k, m)
 
 
+def test_weights_of_one_shape_share_plans_and_keep_their_own_data():
+    """Plans carry no weight data, so six weights of one shape run on one plan per padded M (six with a bias
+    each: the bias pointer is part of a plan), and each still computes with its own compressed values."""
+    ops = _ops()
+    n, k = 784, 528  # a shape no other test uses, so its plans are built here
+    ws = [_weight_24(n, k, torch.float16, seed=s) for s in range(6)]
+    sws = [ops.SparseWeight(w) for w in ws]
+    x = torch.randn(40, k, device="cuda", dtype=torch.float16)
+    before = ops.plan_inits()
+    for w, sw in zip(ws, sws, strict=True):
+        assert _rel(ops.sparse_linear(x, sw), x.float() @ w.float().t()) <= BOUND
+    assert ops.plan_inits() - before == 1
+    biases = [torch.randn(n, device="cuda", dtype=torch.float16) for _ in ws]
+    before = ops.plan_inits()
+    for w, sw, b in zip(ws, sws, biases, strict=True):
+        assert _rel(ops.sparse_linear(x, sw, b), x.float() @ w.float().t() + b.float()) <= BOUND
+    assert ops.plan_inits() - before == len(ws)
+
+
 def test_non_24_weight_is_refused_cleanly():
     from esparse.errors import EsparseError
 

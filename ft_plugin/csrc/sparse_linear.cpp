@@ -2,9 +2,11 @@
 //
 // Layout (column-major, as cuSPARSELt sees it): C[N, Mp] = op(A) B with A = W viewed as K x N (opA = T,
 // the 2:4 structure runs along K), B = X^T as K x Mp and C = Y^T as N x Mp; row-major X and Y need no copy.
-// The weight is checked and compressed once, into one compressed copy; a plan is built per padded M (and
-// bias, activation) and kept. Per call, padding and workspace come from torch's caching allocator (shared by
-// all weights, nothing from the driver after warm-up, no host sync), so calls can be captured in CUDA graphs.
+// The weight is checked and compressed once, into one compressed copy. Plans hold no weight data (shapes,
+// dtype, epilogue, algorithm; the bias pointer when there is a bias), so they are built once per process for
+// each such key and shared by every weight of that shape: a LLaMA-7B model needs a few dozen plan inits, not
+// one per weight and M (thousands; each init costs milliseconds). Per call, padding and workspace come from
+// torch's caching allocator (no host sync), so calls can be captured in CUDA graphs.
 //
 // Two designs, chosen by the loaded cuSPARSELt (docs/gpu_path.md has the measurements behind them):
 // * tuned (0.10 and newer): plan-free compression (Compress2); cusparseLtMatmulSearch once per M bucket,
@@ -18,6 +20,7 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -50,7 +53,7 @@ static cusparseLtHandle_t* handle_for_device(int device) {
 }
 
 struct Plan {
-  cusparseLtMatDescriptor_t mat_b, mat_c;
+  cusparseLtMatDescriptor_t mat_a, mat_b, mat_c;  // its own descriptors: a shared plan outlives any weight
   cusparseLtMatmulDescriptor_t matmul;
   cusparseLtMatmulAlgSelection_t alg_sel;
   cusparseLtMatmulPlan_t plan;
@@ -58,12 +61,90 @@ struct Plan {
   int64_t workspace = 0;
   ~Plan() {
     const auto& api = cslt();
-    if (stage >= 4) api.cusparseLtMatmulPlanDestroy(&plan);
-    if (stage >= 3) api.cusparseLtMatmulAlgSelectionDestroy(&alg_sel);
-    if (stage >= 2) api.cusparseLtMatDescriptorDestroy(&mat_c);
-    if (stage >= 1) api.cusparseLtMatDescriptorDestroy(&mat_b);
+    if (stage >= 5) api.cusparseLtMatmulPlanDestroy(&plan);
+    if (stage >= 4) api.cusparseLtMatmulAlgSelectionDestroy(&alg_sel);
+    if (stage >= 3) api.cusparseLtMatDescriptorDestroy(&mat_c);
+    if (stage >= 2) api.cusparseLtMatDescriptorDestroy(&mat_b);
+    if (stage >= 1) api.cusparseLtMatDescriptorDestroy(&mat_a);
   }
 };
+
+// What a plan depends on. alg = -1: cuSPARSELt's default algorithm (the safe design, or no choice made yet).
+struct PlanKey {
+  int device;
+  int64_t n, k, m_pad, act;
+  int dtype;
+  intptr_t bias;
+  int64_t alg, split_k;
+  bool operator<(const PlanKey& o) const {
+    return std::tie(device, n, k, m_pad, act, dtype, bias, alg, split_k) <
+           std::tie(o.device, o.n, o.k, o.m_pad, o.act, o.dtype, o.bias, o.alg, o.split_k);
+  }
+};
+
+// Build a plan for Y^T[N, Mp] = W^T(2:4, K x N) X^T(K x Mp); alg < 0 leaves the default algorithm.
+static std::unique_ptr<Plan> build_plan(cusparseLtHandle_t* handle, const PlanKey& key) {
+  const auto& api = cslt();
+  auto p = std::make_unique<Plan>();
+  auto dt = static_cast<cudaDataType>(key.dtype);
+  const int64_t n = key.n, k = key.k, m_pad = key.m_pad;
+  ESPARSE_CHECK_CUSPARSE(api.cusparseLtStructuredDescriptorInit(handle, &p->mat_a, k, n, k, 16, dt,
+                                                                CUSPARSE_ORDER_COL, CUSPARSELT_SPARSITY_50_PERCENT));
+  p->stage = 1;
+  ESPARSE_CHECK_CUSPARSE(api.cusparseLtDenseDescriptorInit(handle, &p->mat_b, k, m_pad, k, 16, dt, CUSPARSE_ORDER_COL));
+  p->stage = 2;
+  ESPARSE_CHECK_CUSPARSE(api.cusparseLtDenseDescriptorInit(handle, &p->mat_c, n, m_pad, n, 16, dt, CUSPARSE_ORDER_COL));
+  p->stage = 3;
+  ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulDescriptorInit(handle, &p->matmul, CUSPARSE_OPERATION_TRANSPOSE,
+                                                            CUSPARSE_OPERATION_NON_TRANSPOSE, &p->mat_a, &p->mat_b,
+                                                            &p->mat_c, &p->mat_c, CUSPARSE_COMPUTE_32F));
+  int one = 1;
+  if (key.act == kRelu)
+    ESPARSE_CHECK_CUSPARSE(
+        api.cusparseLtMatmulDescSetAttribute(handle, &p->matmul, CUSPARSELT_MATMUL_ACTIVATION_RELU, &one, sizeof(one)));
+  if (key.act == kGelu)
+    ESPARSE_CHECK_CUSPARSE(
+        api.cusparseLtMatmulDescSetAttribute(handle, &p->matmul, CUSPARSELT_MATMUL_ACTIVATION_GELU, &one, sizeof(one)));
+  if (key.bias != 0) {
+    const void* bias = reinterpret_cast<const void*>(key.bias);
+    ESPARSE_CHECK_CUSPARSE(
+        api.cusparseLtMatmulDescSetAttribute(handle, &p->matmul, CUSPARSELT_MATMUL_BIAS_POINTER, &bias, sizeof(bias)));
+  }
+  ESPARSE_CHECK_CUSPARSE(
+      api.cusparseLtMatmulAlgSelectionInit(handle, &p->alg_sel, &p->matmul, CUSPARSELT_MATMUL_ALG_DEFAULT));
+  p->stage = 4;
+  if (key.alg >= 0) {
+    int alg = static_cast<int>(key.alg), split_k = static_cast<int>(key.split_k);
+    ESPARSE_CHECK_CUSPARSE(
+        api.cusparseLtMatmulAlgSetAttribute(handle, &p->alg_sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &alg, sizeof(alg)));
+    if (split_k >= 1)  // the search may report 0 or -1 (split-k not used): leave the attribute at its default
+      ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulAlgSetAttribute(handle, &p->alg_sel, CUSPARSELT_MATMUL_SPLIT_K,
+                                                                 &split_k, sizeof(split_k)));
+  }
+  ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulPlanInit(handle, &p->plan, &p->matmul, &p->alg_sel));
+  p->stage = 5;
+  size_t ws = 0;
+  ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulGetWorkspace(handle, &p->plan, &ws));
+  p->workspace = static_cast<int64_t>(ws);
+  return p;
+}
+
+static std::atomic<int64_t> g_plan_inits{0};  // plans built for matmuls in this process (tests read it)
+
+// The process's plans, shared by all weights. Never freed before exit: a captured CUDA graph may still launch
+// with one, and their number is bounded by shapes x padded M x epilogues (x biases: one per biased weight).
+static Plan& shared_plan(cusparseLtHandle_t* handle, const PlanKey& key) {
+  static std::mutex mu;
+  static std::map<PlanKey, std::unique_ptr<Plan>>* plans = new std::map<PlanKey, std::unique_ptr<Plan>>();
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = plans->find(key);
+  if (it != plans->end()) return *it->second;
+  auto fresh = build_plan(handle, key);  // throws before anything is stored
+  auto& slot = (*plans)[key];
+  slot = std::move(fresh);
+  ++g_plan_inits;
+  return *slot;
+}
 
 class SparseWeight : public torch::CustomClassHolder {
  public:
@@ -104,7 +185,7 @@ class SparseWeight : public torch::CustomClassHolder {
     if (tuned_) {
       ESPARSE_CHECK_CUSPARSE(api.cusparseLtSpMMACompressedSize2(handle_, &mat_a_, &size, &buffer));
     } else {
-      under = make_plan(kRowAlign, nullptr, kNone, /*use_algo=*/false);
+      under = build_plan(handle_, key_for(kRowAlign, 0, kNone, -1, 1));
       ESPARSE_CHECK_CUSPARSE(api.cusparseLtSpMMACompressedSize(handle_, &under->plan, &size, &buffer));
     }
     compressed_ = at::empty({static_cast<int64_t>(size)}, w.options().dtype(at::kByte));
@@ -120,7 +201,6 @@ class SparseWeight : public torch::CustomClassHolder {
   }
 
   ~SparseWeight() override {
-    plans_.clear();
     if (has_mat_a_) cslt().cusparseLtMatDescriptorDestroy(&mat_a_);
   }
 
@@ -177,7 +257,7 @@ class SparseWeight : public torch::CustomClassHolder {
                 cslt().minor, ".", cslt().patch, " runs its default algorithm); see esparse install-cusparselt");
     c10::cuda::CUDAGuard guard(device_);
     const int64_t m_pad = pad_rows(std::max<int64_t>(m, 1));
-    auto p = make_plan(m_pad, nullptr, kNone, /*use_algo=*/false);
+    auto p = build_plan(handle_, key_for(m_pad, 0, kNone, -1, 1));  // its own: the search writes its alg_sel
     auto x = at::randn({m_pad, k_}, compressed_.options().dtype(dtype_));
     auto y = at::empty({m_pad, n_}, x.options());
     auto ws = at::empty({p->workspace + 1}, compressed_.options());
@@ -203,8 +283,8 @@ class SparseWeight : public torch::CustomClassHolder {
     const int64_t bucket = search_bucket(pad_rows(std::max<int64_t>(m, 1)));
     std::lock_guard<std::mutex> lock(mu_);
     algos_[bucket] = {alg, split_k};
-    for (auto it = plans_.begin(); it != plans_.end();) {
-      it = search_bucket(std::get<0>(it->first)) == bucket ? plans_.erase(it) : std::next(it);
+    for (auto it = plans_.begin(); it != plans_.end();) {  // forget this bucket's plans: the next call looks up
+      it = search_bucket(std::get<0>(it->first)) == bucket ? plans_.erase(it) : std::next(it);  // the new key
     }
   }
 
@@ -214,64 +294,25 @@ class SparseWeight : public torch::CustomClassHolder {
   std::vector<int64_t> shape() const { return {n_, k_}; }
 
  private:
-  std::unique_ptr<Plan> make_plan(int64_t m_pad, const void* bias, int64_t act, bool use_algo) {
-    const auto& api = cslt();
-    auto p = std::make_unique<Plan>();
-    auto dt = cuda_dtype(dtype_);
-    ESPARSE_CHECK_CUSPARSE(
-        api.cusparseLtDenseDescriptorInit(handle_, &p->mat_b, k_, m_pad, k_, 16, dt, CUSPARSE_ORDER_COL));
-    p->stage = 1;
-    ESPARSE_CHECK_CUSPARSE(
-        api.cusparseLtDenseDescriptorInit(handle_, &p->mat_c, n_, m_pad, n_, 16, dt, CUSPARSE_ORDER_COL));
-    p->stage = 2;
-    ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulDescriptorInit(handle_, &p->matmul, CUSPARSE_OPERATION_TRANSPOSE,
-                                                              CUSPARSE_OPERATION_NON_TRANSPOSE, &mat_a_, &p->mat_b,
-                                                              &p->mat_c, &p->mat_c, CUSPARSE_COMPUTE_32F));
-    int one = 1;
-    if (act == kRelu)
-      ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulDescSetAttribute(handle_, &p->matmul,
-                                                                  CUSPARSELT_MATMUL_ACTIVATION_RELU, &one, sizeof(one)));
-    if (act == kGelu)
-      ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulDescSetAttribute(handle_, &p->matmul,
-                                                                  CUSPARSELT_MATMUL_ACTIVATION_GELU, &one, sizeof(one)));
-    if (bias != nullptr)
-      ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulDescSetAttribute(handle_, &p->matmul, CUSPARSELT_MATMUL_BIAS_POINTER,
-                                                                  &bias, sizeof(bias)));
-    ESPARSE_CHECK_CUSPARSE(
-        api.cusparseLtMatmulAlgSelectionInit(handle_, &p->alg_sel, &p->matmul, CUSPARSELT_MATMUL_ALG_DEFAULT));
-    p->stage = 3;
-    if (use_algo && tuned_) {
-      auto found = algos_.find(search_bucket(m_pad));
-      if (found != algos_.end()) {
-        int alg = static_cast<int>(found->second.first), split_k = static_cast<int>(found->second.second);
-        ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulAlgSetAttribute(handle_, &p->alg_sel,
-                                                                   CUSPARSELT_MATMUL_ALG_CONFIG_ID, &alg, sizeof(alg)));
-        if (split_k >= 1)  // the search may report 0 (split-k not used): leave the attribute at its default then
-          ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulAlgSetAttribute(handle_, &p->alg_sel, CUSPARSELT_MATMUL_SPLIT_K,
-                                                                     &split_k, sizeof(split_k)));
-      }
-    }
-    ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulPlanInit(handle_, &p->plan, &p->matmul, &p->alg_sel));
-    p->stage = 4;
-    size_t ws = 0;
-    ESPARSE_CHECK_CUSPARSE(api.cusparseLtMatmulGetWorkspace(handle_, &p->plan, &ws));
-    p->workspace = static_cast<int64_t>(ws);
-    return p;
+  PlanKey key_for(int64_t m_pad, intptr_t bias, int64_t act, int64_t alg, int64_t split_k) const {
+    return PlanKey{device_, n_, k_, m_pad, act, static_cast<int>(cuda_dtype(dtype_)), bias, alg, split_k};
   }
 
+  // This weight's plan for (padded M, bias, activation): the process-wide plan of its key, remembered here so
+  // that a call costs one small map lookup.
   Plan& plan_for(int64_t m_pad, const void* bias, int64_t act) {
-    auto key = std::make_tuple(m_pad, reinterpret_cast<intptr_t>(bias), act);
+    auto local = std::make_tuple(m_pad, reinterpret_cast<intptr_t>(bias), act);
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = plans_.find(key);
+    auto it = plans_.find(local);
     if (it != plans_.end()) return *it->second;
-    auto& slot = plans_[key];
-    try {
-      slot = make_plan(m_pad, bias, act, /*use_algo=*/true);
-    } catch (...) {
-      plans_.erase(key);
-      throw;
+    int64_t alg = -1, split_k = 1;
+    if (tuned_) {
+      auto found = algos_.find(search_bucket(m_pad));
+      if (found != algos_.end()) std::tie(alg, split_k) = found->second;
     }
-    return *slot;
+    Plan& p = shared_plan(handle_, key_for(m_pad, reinterpret_cast<intptr_t>(bias), act, alg, split_k));
+    plans_[local] = &p;
+    return p;
   }
 
   int64_t n_ = 0, k_ = 0;
@@ -282,7 +323,7 @@ class SparseWeight : public torch::CustomClassHolder {
   cusparseLtMatDescriptor_t mat_a_;
   at::Tensor compressed_;
   std::mutex mu_;
-  std::map<std::tuple<int64_t, intptr_t, int64_t>, std::unique_ptr<Plan>> plans_;
+  std::map<std::tuple<int64_t, intptr_t, int64_t>, Plan*> plans_;  // into the shared plans
   std::map<int64_t, std::pair<int64_t, int64_t>> algos_;
 };
 
@@ -292,6 +333,8 @@ at::Tensor sparse_linear(const at::Tensor& x, const c10::intrusive_ptr<SparseWei
 }
 
 std::string last_error() { return g_last_error; }
+
+int64_t plan_inits() { return g_plan_inits.load(); }
 
 }  // namespace esparse
 
@@ -308,4 +351,5 @@ TORCH_LIBRARY_FRAGMENT(esparse, m) {
   m.def("sparse_linear(Tensor x, __torch__.torch.classes.esparse.SparseWeight w, Tensor? bias, int act) -> Tensor",
         &esparse::sparse_linear);
   m.def("last_error() -> str", &esparse::last_error);
+  m.def("plan_inits() -> int", &esparse::plan_inits);
 }
