@@ -25,7 +25,7 @@ for stage in "$@"; do
       ESPARSE_BUILD_PLUGIN=ON PIP_NO_INDEX=1 PIP_FIND_LINKS=$PWD/.dev/whl ESPARSE_EXTRAS=gguf bash scripts/setup.sh 2>&1 | tail -60 \
         | tee "$OUT/setup.log" ;;
     env) .venv/bin/esparse env 2>&1 | tee "$OUT/env-$tag.txt" ;;
-    test) $py -m pytest -q -rs -m "gpu and not real" tests 2>&1 | tee "$OUT/gpu-$tag.log" | tail -40 ;;
+    test) timeout "${TEST_TIMEOUT:-400}" $py -m pytest -q -rs -m "gpu and not real" tests 2>&1 | tee "$OUT/gpu-$tag.log" | tail -40 ;;
     gemm) timeout "${GEMM_TIMEOUT:-400}" $py bench/gemm.py --models ${GEMM_MODELS:-llama-7b,llama-13b} --ms 1,8,16,32,64,128,1024,2048,4096 --iters 30 \
             --no-torch-sparse --out "$OUT/gemm-$tag" 2>&1 | tee "$OUT/gemm-$tag.log" | tail -80 ;;
     e2e) for s in ${SHAPES:-llama-7b}; do
