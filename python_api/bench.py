@@ -1,8 +1,10 @@
 """``esparse bench``: dense and sparse decoders side by side in one process.
 
 Measures, per backend: prefill latency of one prompt of --prompt-len tokens, decode tokens/s at each batch
-size (decode steps replayed from CUDA graphs unless --no-cuda-graph), weight bytes on the device, and peak
-GPU memory. Prints a table with sparse/dense ratios, writes bench.json and bench.png under --out.
+size (decode steps replayed from CUDA graphs unless --no-cuda-graph), weight bytes on the device, the time to
+build the model, and GPU memory (torch's allocator) counted from what was allocated before the backend was
+built: resident after loading, peak while loading, peak over the whole run. Prints a table with sparse/dense
+ratios, writes bench.json and bench.png under --out.
 Timing: CUDA events (perf_counter with a sync on the CPU), warm-up first, median of repeats.
 """
 
@@ -240,18 +242,23 @@ def bench_models(source: WeightSource | Path, backends: list[str], device, dtype
         src = FTFolder(source) if isinstance(source, Path) else source
         if be == "sparse" and src.cfg.nm != (2, 4):
             raise EsparseError("the sparse backend needs a 2:4 folder")
+        base = 0
         if device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()  # what an earlier backend left (e.g. cuBLAS workspaces)
         t0 = time.perf_counter()
         model = build_decoder(src, device, dtype, be)
         _sync(device)
         load = {"load_s": time.perf_counter() - t0}
         if device.type == "cuda":
-            load.update(resident_bytes=torch.cuda.memory_allocated(), load_peak_bytes=torch.cuda.max_memory_allocated())
+            load.update(resident_bytes=torch.cuda.memory_allocated() - base,
+                        load_peak_bytes=torch.cuda.max_memory_allocated() - base)
         log.info("benchmarking %s (built in %.1f s)", be, load["load_s"])
         results[be] = {**load, **measure(model, prompt_len, batches, steps, graphs)}
+        if device.type == "cuda":
+            results[be]["peak_bytes"] -= base
         if be == "sparse":
             from esparse.ft_plugin import ops
 

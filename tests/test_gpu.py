@@ -252,7 +252,7 @@ def pruned_export(tmp_path_factory, request):
 
     root = tmp_path_factory.mktemp(f"gpu-rt-{request.param}")
     calib = write_text(root / "calib.txt")
-    kw = dict(num_key_value_heads=2) if request.param == "llama" else {}
+    kw = dict(num_key_value_heads=2) if request.param == "llama" else dict(word_embed_proj_dim=256)
     src = save_model(request.param, root / "src", hidden_size=256, intermediate_size=512, num_attention_heads=4,
                      **kw)
     assert main(["prune", str(src), "--calib", str(calib), "--out", str(root / "p"), "--nsamples", "4",
@@ -296,7 +296,7 @@ def test_sparse_load_holds_one_dense_layer_and_serves_compressed(monkeypatch):
     model = build_decoder(src, "cuda", torch.float16, "sparse")
     resident = torch.cuda.memory_allocated() - base
     over = torch.cuda.max_memory_allocated() - base - resident
-    assert over <= 3 * layer_bytes, (over, layer_bytes)  # a whole dense model would be 12 layers
+    assert over <= 4 * layer_bytes, (over, layer_bytes)  # one dense layer + checks; the whole model is 12
     compressed = sum(m.compressed_bytes() for m in model.modules() if hasattr(m, "compressed_bytes"))
     assert 0.5 * 12 * layer_bytes <= compressed <= 0.6 * 12 * layer_bytes, compressed / (12 * layer_bytes)
     ids = torch.randint(0, 1024, (1, 8), device="cuda")
