@@ -198,6 +198,11 @@ def run_bench(args) -> dict:
                            not args.no_cuda_graph)
     meta = {**environment(), "model": args.shape or str(args.model), "prompt_len": args.prompt_len,
             "decode_steps": args.decode_steps, "layers": args.layers, "dtype": str(dtype)}
+    if "sparse" in backends:
+        from esparse.ft_plugin import ops
+
+        c = ops.CUSPARSELT
+        meta["cusparselt"] = f"{c.version_str} ({'tuned' if c.tuned else 'safe'}, {c.path})"
     text = write_outputs(results, batches, meta, args.out)
     print(f"{meta['model']} on {meta['device']} ({meta['dtype']}), prompt {args.prompt_len}, "
           f"{args.decode_steps} decode steps")
