@@ -7,6 +7,14 @@ import torch
 from esparse.errors import EsparseError
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch dtype -> fp16 | bf16 | fp32 (config.ini's and the algorithm cache's spelling)."""
+    if dtype not in NAMES:
+        raise EsparseError(f"dtype {dtype} is not one of {', '.join(DTYPES)}")
+    return NAMES[dtype]
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from esparse.devices import NAMES
 from esparse.errors import EsparseError
 
 from . import build_info, cusparselt
@@ -60,7 +61,7 @@ def _load_cusparselt() -> CusparseLtInfo:
 CUSPARSELT = _load_cusparselt()
 _cache = AlgoCache()
 SEARCHES = 0  # cusparseLtMatmulSearch runs in this process (tests check that a warm cache runs none)
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+DTYPE_NAMES = {t: n for t, n in NAMES.items() if n in ("fp16", "bf16")}  # what the sparse GEMM takes
 
 
 class SparseWeight:

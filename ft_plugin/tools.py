@@ -12,6 +12,7 @@ def tune_folder(model: Path, m: str, dtype_name: str) -> list[str]:
     of ``m``; returns one line per shape."""
     import torch
 
+    from esparse.devices import DTYPES
     from esparse.errors import EsparseError
     from esparse.format.families import family
     from esparse.format.ft_loader import FTFolder
@@ -27,7 +28,7 @@ def tune_folder(model: Path, m: str, dtype_name: str) -> list[str]:
     if src.cfg.nm != (2, 4):
         raise EsparseError(f"{model} is {src.cfg.sparsity or 'dense'}: tuning is for 2:4 models")
     layer0 = {name: w.to_dense() for name, w in src.layer(0).linears.items()}  # every layer has these shapes
-    dtype = torch.float16 if dtype_name == "fp16" else torch.bfloat16
+    dtype = DTYPES[dtype_name]
     try:
         ms = [int(v) for v in m.split(",")]
     except ValueError:

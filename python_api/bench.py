@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from esparse.devices import dtype_name
 from esparse.errors import EsparseError
 from esparse.format.families import family
 from esparse.format.ft_format import FTConfig, linear_specs, replicated_specs
@@ -93,8 +94,7 @@ class RandomWeights:
     download, nothing kept): a model built from them holds only what its layers keep, as from a folder."""
 
     def __init__(self, shape: str, device, dtype=torch.float16, layers: int | None = None, seed: int = 0):
-        dtype_name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
-        self.cfg = shape_config(shape, layers, dtype=dtype_name, sparsity="2:4", method="random")
+        self.cfg = shape_config(shape, layers, dtype=dtype_name(dtype), sparsity="2:4", method="random")
         self.device, self.dtype, self.seed = torch.device(device), dtype, seed
 
     def model_tensors(self) -> dict[str, torch.Tensor]:

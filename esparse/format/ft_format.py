@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
+from esparse.devices import DTYPES
 from esparse.errors import EsparseError
 
 from .families import family
 from .nm_pack import row_meta_bytes
 
 FORMAT_VERSION = 1
-DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_NAMES = DTYPES  # config.ini's dtype names (one table: esparse/devices.py)
 
 
 @dataclass(frozen=True)
