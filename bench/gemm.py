@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from esparse.python_api.bench import gemm_shapes, median_seconds, random_24
+from esparse.python_api.bench import gemm_shapes, graph_seconds, median_seconds, random_24
 from esparse.report import environment, format_table, new_figure, save_figure, write_json
 
 
@@ -28,19 +28,8 @@ def _time(fn, iters: int) -> float:
 
 
 def _graph_time(calls, iters: int) -> float:
-    """Per-call microseconds of `calls` (callables) captured back to back in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in calls:  # warm-up outside capture (plans, algorithm choice)
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for fn in calls:
-            fn()
-    return _time(g.replay, max(5, iters // 5)) / len(calls)
+    """Per-call microseconds of ``calls`` in one CUDA graph (the shared graph timer)."""
+    return 1e6 * graph_seconds(calls, max(5, iters // 5))
 
 
 def bench_shape(ops, model: str, name: str, n: int, k: int, ms: list[int], iters: int, torch_sparse: bool,

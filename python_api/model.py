@@ -238,7 +238,7 @@ class Transformer(nn.Module):
 _CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
-def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
     """One side stream per GPU for every capture's warm-up: torch keeps a cuBLAS workspace per stream for the
     life of the process, so a fresh stream per graph would leave one more workspace each time."""
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -255,7 +255,7 @@ class GraphDecodeStep:
         b = cache.k.shape[1]
         self.ids = torch.zeros(b, 1, dtype=torch.long, device=model.device)
         self.slot = torch.zeros(1, dtype=torch.long, device=model.device)
-        stream = _capture_stream(model.device)
+        stream = capture_stream(model.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph (plans, workspaces, autotuning)
             for _ in range(2):
