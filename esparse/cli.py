@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from esparse import argtypes as at
 from esparse import demo
+from esparse.converter.fsutil import install_signal_handlers
 from esparse.devices import DTYPES, parse_dtype, resolve_device
 from esparse.errors import EsparseError
 from esparse.python_api.bench import SHAPES
@@ -275,14 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum, _frame) -> None:
-    """SIGTERM unwinds like Ctrl-C, so every temporary folder and half-written output is removed."""
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+        install_signal_handlers()  # SIGTERM unwinds like Ctrl-C: no temporary folder or half output is left
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -268,3 +268,35 @@ def test_a_pattern_the_model_cannot_take_is_refused_before_loading(tmp_path, cal
     assert main(["prune", str(src), "--calib", str(calib_file), "--out", str(tmp_path / "o"), "--pattern", "2:3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not divisible by M=3" in err[0]
+
+
+def test_a_signal_waits_for_the_folder_swap(tmp_path):
+    """SIGTERM during the few file operations that create, swap in or remove an output folder is held until they
+    are done, then unwinds; SIGTERM while the folder is being written unwinds at once, leaving the old output
+    untouched and no temporary folder."""
+    import os
+    import signal
+
+    from esparse.converter import fsutil
+
+    previous = signal.signal(signal.SIGTERM, fsutil.on_signal)
+    try:
+        reached_end = False
+        with pytest.raises(SystemExit) as e:
+            with fsutil._signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                sum(range(10000))  # the handler runs here and only records it
+                reached_end = True
+        assert reached_end and e.value.code == 128 + signal.SIGTERM
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "old.txt").write_text("old")
+        with pytest.raises(SystemExit):
+            with fsutil.atomic_output_dir(tmp_path / "out", overwrite=True) as tmp:
+                (tmp / "new.txt").write_text("new")
+                os.kill(os.getpid(), signal.SIGTERM)
+                sum(range(10000))
+                raise AssertionError("the signal should have unwound the writer")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+        assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
