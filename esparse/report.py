@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import subprocess
@@ -17,15 +18,31 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str:
         return ""
 
 
+SOURCE_DIRS = ("converter", "python_api", "ft_plugin", "esparse")
+
+
+def source_digest(root: Path | None = None) -> str:
+    """sha256 (12 hex digits) of esparse's own source files (Python, C++, shell) as they are on disk: names a
+    number's code even where git's metadata is missing or stale (a copied working tree on a device machine)."""
+    root = root or Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for d in SOURCE_DIRS:
+        for f in sorted((root / d).rglob("*")):
+            if f.suffix in (".py", ".cpp", ".h", ".sh") and f.is_file() and "__pycache__" not in f.parts:
+                h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def environment() -> dict:
     """Where a number was measured: device (with driver and clocks on a GPU), torch and CUDA, the commit
-    (with "-dirty" when the tree had uncommitted changes, so a number is never pinned to the wrong code)."""
+    (with "-dirty" when the tree had uncommitted changes) and the source digest, so a number is never pinned
+    to the wrong code."""
     here = Path(__file__).resolve().parent
     commit = _run(["git", "rev-parse", "--short", "HEAD"], here)
     if commit and _run(["git", "status", "--porcelain", "--untracked-files=no"], here):
         commit += "-dirty"
     env = {"device": f"CPU ({platform.processor() or platform.machine()})", "torch": torch.__version__,
-           "python": platform.python_version(), "commit": commit}
+           "python": platform.python_version(), "commit": commit, "source": source_digest()}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(torch.cuda.current_device())
         env.update(device=torch.cuda.get_device_name(), compute_capability=f"sm_{p.major}{p.minor}",

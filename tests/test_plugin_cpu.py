@@ -152,3 +152,20 @@ def test_env_on_cpu_says_no_gpu(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("esparse ") and "torch" in out[0]
     assert len(out) == 2 and out[1].startswith("GPU: none")
+
+
+def test_source_digest_names_the_code_not_the_git_metadata(tmp_path):
+    """The digest every benchmark JSON carries follows the source files' bytes (a copied tree without .git
+    gives the same digest) and changes with one byte of one file."""
+    import shutil
+    from pathlib import Path
+
+    from esparse.report import SOURCE_DIRS, environment, source_digest
+
+    root = Path(__file__).resolve().parent.parent
+    for d in SOURCE_DIRS:
+        shutil.copytree(root / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    assert source_digest(tmp_path) == source_digest(root) == environment()["source"]
+    f = tmp_path / "converter" / "masks.py"
+    f.write_bytes(f.read_bytes() + b"\n")
+    assert source_digest(tmp_path) != source_digest(root)
