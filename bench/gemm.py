@@ -90,8 +90,7 @@ def main() -> None:
              r["cublas_graph_us"], r["cublaslt_graph_us"], r["esparse_graph_us"], r["speedup_graph"],
              r.get("torch_sparse_us", float("nan"))] for r in records]
     env = environment()
-    env["cusparselt"] = f"{ops.CUSPARSELT.version_str} ({'tuned' if ops.CUSPARSELT.tuned else 'safe'}, "
-    env["cusparselt"] += f"{'private' if ops.CUSPARSELT.private else 'shared'} {ops.CUSPARSELT.path})"
+    env["cusparselt"] = ops.CUSPARSELT.summary
     print(f"fp16 GEMM on {env['device']}, torch {env['torch']}, cuSPARSELt {env['cusparselt']}; microseconds: "
           f"single = median of {args.iters} calls, graph = per call of {args.copies} weights in one CUDA graph")
     print(format_table(["model", "linear", "M", "N", "K", "cuBLAS", "esparse", "x single", "cuBLAS g",

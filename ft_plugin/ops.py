@@ -45,6 +45,12 @@ class CusparseLtInfo:
     def version_str(self) -> str:
         return ".".join(map(str, self.version))
 
+    @property
+    def summary(self) -> str:
+        """e.g. "0.10.0 (tuned, private /root/cslt/lib/libcusparseLt.so.0)": what every benchmark records."""
+        return (f"{self.version_str} ({'tuned' if self.tuned else 'safe'}, {'private' if self.private else 'shared'} "
+                f"{self.path})")
+
 
 def _load_cusparselt() -> CusparseLtInfo:
     path, major, minor, patch, private, tuned = torch.ops.esparse.cusparselt_info(cusparselt.choose())

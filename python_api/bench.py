@@ -26,7 +26,7 @@ from esparse.format.ft_loader import FTFolder, LayerWeights
 from esparse.report import environment, format_table, new_figure, save_figure, write_json
 
 from .loader import WeightSource, build_decoder
-from .model import GraphDecodeStep, Transformer, capture_stream
+from .model import GraphDecodeStep, Transformer, capture_graph
 
 log = logging.getLogger(__name__)
 
@@ -151,18 +151,8 @@ def median_seconds(fn, dev, repeats: int, warmup: int = 1) -> float:
 def graph_seconds(calls, repeats: int) -> float:
     """Seconds per call of ``calls`` (callables) captured back to back in one CUDA graph and replayed: how a
     decode step sees them (no host overhead between calls). Warm-up outside the capture (plans, algorithms)."""
-    stream = capture_stream(torch.device("cuda"))
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in calls:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for fn in calls:
-            fn()
-    return median_seconds(g.replay, "cuda", repeats, warmup=3) / len(calls)
+    graph, _ = capture_graph(lambda: [fn() for fn in calls], torch.device("cuda"))
+    return median_seconds(graph.replay, "cuda", repeats, warmup=3) / len(calls)
 
 
 def _decode_tok_s(model: Transformer, batch: int, ctx: int, steps: int, graphs: bool) -> float:
@@ -218,8 +208,7 @@ def run_bench(args) -> dict:
     if "sparse" in backends:
         from esparse.ft_plugin import ops
 
-        c = ops.CUSPARSELT
-        meta["cusparselt"] = f"{c.version_str} ({'tuned' if c.tuned else 'safe'}, {c.path})"
+        meta["cusparselt"] = ops.CUSPARSELT.summary
     text = write_outputs(results, batches, meta, args.out)
     print(f"{meta['model']} on {meta['device']} ({meta['dtype']}), prompt {args.prompt_len}, "
           f"{args.decode_steps} decode steps")

@@ -247,6 +247,22 @@ def capture_stream(device: torch.device) -> torch.cuda.Stream:
     return _CAPTURE_STREAMS[index]
 
 
+def capture_graph(fn, device: torch.device, warmup: int = 1):
+    """Run ``fn`` ``warmup`` times on ``device``'s capture stream (plans, workspaces, autotuning happen outside
+    the graph), then capture one call; returns (graph, what the captured call returned)."""
+    stream = capture_stream(device)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class GraphDecodeStep:
     """One decode step captured in a CUDA graph for a fixed batch size and cache."""
 
@@ -255,15 +271,7 @@ class GraphDecodeStep:
         b = cache.k.shape[1]
         self.ids = torch.zeros(b, 1, dtype=torch.long, device=model.device)
         self.slot = torch.zeros(1, dtype=torch.long, device=model.device)
-        stream = capture_stream(model.device)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph (plans, workspaces, autotuning)
-            for _ in range(2):
-                model(self.ids, cache, self.slot)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model(self.ids, cache, self.slot)
+        self.graph, self.logits = capture_graph(lambda: model(self.ids, cache, self.slot), model.device, warmup=2)
 
     def __call__(self, ids: torch.Tensor, slot: int) -> torch.Tensor:
         self.ids.copy_(ids)

@@ -40,7 +40,7 @@ def main() -> None:
     n, k = 4096, 4096
     w = random_24(n, k, "cuda")
     sw = ops.SparseWeight(w)
-    print(f"cuSPARSELt {ops.CUSPARSELT.version_str} ({'tuned' if ops.CUSPARSELT.tuned else 'safe'}), N=K={k}")
+    print(f"cuSPARSELt {ops.CUSPARSELT.summary}, N=K={k}")
     for m in (1, 16, 128):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         sw.ensure_algo(m)

@@ -8,7 +8,6 @@ found is named. Tensor-parallel shards are reassembled, so a tp=4 folder loads t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from .ft_format import (
     replicated_specs,
     verify_checksums,
 )
-from .nm_pack import PackedNM, check_packed, index_bits, pack_indices, unpack_indices
+from .nm_pack import PackedNM, check_packed, pack_indices, rows_are_whole_bytes, unpack_indices
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +155,6 @@ class FTFolder:
                 out.perms[group] = self._file(stem, torch.int32, (-1,)).long()
         return out
 
-    def layers(self) -> Iterator[LayerWeights]:
-        for i in range(self.cfg.n_layers):
-            yield self.layer(i)
-
     def _dense(self, spec: LinearSpec) -> torch.Tensor:
         cfg = self.cfg
         rows, k = rank_rows(spec, cfg.tp), rank_k(spec, cfg.tp)
@@ -184,7 +179,7 @@ class FTFolder:
         if spec.parallel == "col":
             return PackedNM(_merge_rows(vals, spec, cfg.tp), _merge_rows(metas, spec, cfg.tp), n, m, spec.k)
         values = torch.cat(vals, 1)
-        if (k // m * n * index_bits(m)) % 8 == 0:
+        if rows_are_whole_bytes(k, n, m):
             meta = torch.cat(metas, 1)
         else:
             meta = pack_indices(torch.cat([unpack_indices(mt, k, n, m) for mt in metas], 1), spec.k, n, m)

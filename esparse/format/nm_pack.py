@@ -31,6 +31,12 @@ def row_meta_bytes(k: int, n: int, m: int) -> int:
     return math.ceil(k // m * n * index_bits(m) / 8)
 
 
+def rows_are_whole_bytes(k: int, n: int, m: int) -> bool:
+    """Whether a row's index bit string fills its bytes exactly (no padding bits): then rows split along K
+    concatenate byte-wise, and a byte table can check them."""
+    return (k // m * n * index_bits(m)) % 8 == 0
+
+
 @dataclass
 class PackedNM:
     values: torch.Tensor  # [rows, K*N/M]
@@ -116,7 +122,7 @@ def check_packed(meta: torch.Tensor, k: int, n: int, m: int, where: str = "packe
     """Refuse metadata [rows, bytes] holding a position that is out of its group or not strictly ascending,
     without unpacking it when the groups tile whole bytes (a table lookup per byte); else by unpacking."""
     table = _valid_bytes(n, m)
-    if table is None or (k // m * n * index_bits(m)) % 8:
+    if table is None or not rows_are_whole_bytes(k, n, m):
         check_positions(unpack_indices(meta, k, n, m).reshape(meta.shape[0], k // m, n), m, where)
         return
     bad_rows = (~table.to(meta.device)[meta.long()]).any(-1)
