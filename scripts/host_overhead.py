@@ -1,16 +1,20 @@
 """Device diagnostic: host microseconds per call of each layer of the sparse op, against F.linear.
 
 Calls are issued back to back without a sync, so once the GPU queue fills the host is the limit: per-call time =
-the host's cost of one call (each GEMM here takes the GPU ~10-30 us). Prints one line per path and M.
+the host's cost of one call (each GEMM here takes the GPU ~10-30 us). Prints one line per path and M and writes
+them, with the environment, to the JSON file named as the first argument (default host_overhead.json).
 """
 
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from esparse.ft_plugin import ops
 from esparse.python_api.bench import random_24
+from esparse.report import environment, write_json
 
 
 def host_us(fn, calls: int = 2000) -> float:
@@ -41,12 +45,16 @@ def main() -> None:
     w = random_24(n, k, "cuda")
     sw = ops.SparseWeight(w)
     print(f"cuSPARSELt {ops.CUSPARSELT.summary}, N=K={k}")
+    rows = []
     for m in (1, 16, 128):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         sw.ensure_algo(m)
         y = torch.empty(m, n, device="cuda", dtype=torch.float16)
         for name, fn in paths(x, y, w, sw).items():
-            print(f"M={m:4d}  {host_us(fn):7.1f} us  {name}")
+            rows.append({"m": m, "n": n, "k": k, "path": name, "host_us": host_us(fn)})
+            print(f"M={m:4d}  {rows[-1]['host_us']:7.1f} us  {name}")
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "host_overhead.json")
+    write_json(out, {"env": {**environment(), "cusparselt": ops.CUSPARSELT.summary}, "results": rows})
 
 
 if __name__ == "__main__":
