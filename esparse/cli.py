@@ -164,6 +164,7 @@ def _add_generate_bench(sub) -> None:
     g.add_argument("--device", type=at.device, default="auto")
     g.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default fp16 on GPU, fp32 on CPU")
     g.add_argument("--cuda-graph", action="store_true", help="replay decode steps from a CUDA graph")
+    g.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile (GPU)")
     g.add_argument("--tp", type=int, choices=(1, 2, 4, 8), default=None,
                    help="which <tp>-gpu export to read when the folder holds several (shards are merged)")
     g.set_defaults(func=cmd_generate)
@@ -175,8 +176,11 @@ def _add_generate_bench(sub) -> None:
     b.add_argument("--batches", type=at.int_list, default="1,4,16,64")
     b.add_argument("--prompt-len", type=at.int_at_least(1), default=2048, help="prefill length")
     b.add_argument("--decode-steps", type=at.int_at_least(1), default=64)
-    b.add_argument("--backends", default="dense,sparse", help="comma list of torch, dense, sparse")
+    b.add_argument("--backends", default="torch,dense,sparse",
+                   help="comma list of torch (F.linear, compiled), dense (cuBLASLt op), sparse (our 2:4 kernel), "
+                        "cusparselt (cuSPARSELt 2:4)")
     b.add_argument("--no-cuda-graph", action="store_true")
+    b.add_argument("--no-compile", action="store_true", help="run the decode step eagerly (no torch.compile)")
     b.add_argument("--out", type=Path, default=Path("results/bench"))
     b.set_defaults(func=cmd_bench)
 
@@ -213,9 +217,11 @@ def cmd_generate(args) -> None:
     folder = _ft_folder(args.model)
     tok = load_tokenizer(_tokenizer_folder(folder, args.model))
     model = load_decoder(folder, device=str(dev), dtype=dtype, sparse=args.sparse, tp=args.tp)
+    if args.compile and dev.type == "cuda":
+        model.compile_decode()
     prompts = [tok(p).input_ids for p in args.prompt]
     outs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p,
-                    eos_id=tok.eos_token_id, pad_id=tok.pad_token_id or 0, seed=args.seed,
+                    eos_id=tok.eos_token_id, seed=args.seed,
                     cuda_graph=args.cuda_graph)
     for p, o in zip(args.prompt, outs):
         print(p + tok.decode(o, skip_special_tokens=True))

@@ -101,6 +101,8 @@ class SparseWeight:
         self.gpu = gpu_key(torch.cuda.get_device_name(weight.device))
         self.tuned = bool(self.obj.tuned())
         self.ready: set[int] = set()
+        self.handle = len(_WEIGHTS)
+        _WEIGHTS[self.handle] = self
 
     def nbytes(self) -> int:
         return int(self.obj.nbytes())
@@ -140,12 +142,27 @@ def sparse_linear(x: torch.Tensor, w: SparseWeight, bias: torch.Tensor | None = 
     """x W^T (+ bias, + act). Inputs are checked here (cheap, host-side only) so that a C++ error never has to
     cross the op boundary; a CUDA-graph replay skips all of it."""
     _check_input(x, w, bias)
-    m = x.numel() // x.shape[-1]
-    w.ensure_algo(m)
-    y = torch.ops.esparse.sparse_linear(x, w.obj, bias, ACT[act])
+    return torch.ops.esparse.cusparselt_linear(x, w.handle, bias, ACT[act])
+
+
+# The weights the traceable op can name: torch.compile passes plain ints through a graph, not script objects.
+_WEIGHTS: dict[int, SparseWeight] = {}
+
+
+@torch.library.custom_op("esparse::cusparselt_linear", mutates_args=())
+def _cusparselt_linear(x: torch.Tensor, handle: int, bias: torch.Tensor | None, act: int) -> torch.Tensor:
+    """The cuSPARSELt GEMM as an op torch.compile keeps whole (checks were done when the weight was built)."""
+    w = _WEIGHTS[handle]
+    w.ensure_algo(x.numel() // x.shape[-1])
+    y = torch.ops.esparse.sparse_linear(x, w.obj, bias, act)
     if y is None:
         raise _plugin_error()
     return y
+
+
+@_cusparselt_linear.register_fake
+def _(x, handle, bias, act):
+    return x.new_empty((*x.shape[:-1], _WEIGHTS[handle].n))
 
 
 def plan_inits() -> int:
@@ -158,7 +175,18 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     if x.dim() == 0 or w.dim() != 2 or x.shape[-1] != w.shape[1] or x.dtype != w.dtype:
         raise EsparseError(f"dense_linear: input {tuple(x.shape)} {x.dtype} does not fit weight {tuple(w.shape)} "
                            f"{w.dtype}")
-    y = torch.ops.esparse.dense_linear(x, w, bias, ACT[act])
+    return torch.ops.esparse.cublaslt_linear(x, w, bias, ACT[act])
+
+
+@torch.library.custom_op("esparse::cublaslt_linear", mutates_args=())
+def _cublaslt_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, act: int) -> torch.Tensor:
+    """The cuBLASLt GEMM as an op torch.compile keeps whole."""
+    y = torch.ops.esparse.dense_linear(x, w, bias, act)
     if y is None:
         raise _plugin_error()
     return y
+
+
+@_cublaslt_linear.register_fake
+def _(x, w, bias, act):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))

@@ -1,4 +1,4 @@
-"""Text generation on the runtime: batched prompts (left padded), greedy or temperature/top-p sampling,
+"""Text generation on the runtime: batched prompts (one cache row each), greedy or temperature/top-p sampling,
 decode steps optionally replayed from CUDA graphs captured once per batch size (Transformer.graph_step)."""
 
 from __future__ import annotations
@@ -23,23 +23,24 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0, seed: int = 0,
+             top_p: float = 1.0, eos_id: int | None = None, seed: int = 0,
              cuda_graph: bool = False) -> list[list[int]]:
-    """New tokens for each prompt (stops a sequence at ``eos_id``)."""
+    """New tokens for each prompt (stops a sequence at ``eos_id``).
+
+    Each prompt is prefilled into its own cache row (no padding: a row's positions are its slots), then all
+    rows decode together, each at its own position."""
     b = len(prompts)
-    t = max(len(p) for p in prompts)
+    longest = max(len(p) for p in prompts)
     dev = model.device
-    ids = torch.full((b, t), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, t - len(p):] = torch.tensor(p)
     use_graph = cuda_graph and dev.type == "cuda"
     if use_graph:  # graphs and their caches are kept per (batch, length bucket) and reused across calls
-        cache, step = model.graph_step(b, t + max_new_tokens)
+        cache, step = model.graph_step(b, longest + max_new_tokens)
     else:
-        cache, step = model.new_cache(b, t + max_new_tokens), None
-    cache.pad.copy_(torch.tensor([t - len(p) for p in prompts]))
+        cache, step = model.new_cache(b, longest + max_new_tokens), None
+    logits = torch.cat([model(torch.tensor([p], device=dev), cache.rows(i, i + 1), 0)[:, -1]
+                        for i, p in enumerate(prompts)])
+    start = torch.tensor([len(p) for p in prompts], device=dev)
     gen = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None
-    logits = model(ids.to(dev), cache, 0, attend=t)[:, -1]
     out = torch.empty(b, max_new_tokens, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     for j in range(max_new_tokens):
@@ -52,11 +53,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                 break
         if j == max_new_tokens - 1:
             break
-        slot = t + j
-        if step is not None:
-            logits = step(nxt[:, None], slot)[:, -1]
-        else:
-            logits = model(nxt[:, None], cache, torch.tensor([slot], device=dev), attend=slot + 1)[:, -1]
+        logits = (step(nxt[:, None], start) if step is not None else model(nxt[:, None], cache, start))[:, -1]
+        start = start + 1
     result = []
     for row in out.tolist():
         if eos_id is not None and eos_id in row:

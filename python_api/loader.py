@@ -105,19 +105,23 @@ def build_decoder(src: WeightSource, device: torch.device | str, dtype: torch.dt
 
 
 def default_backend(device: torch.device, sparse: bool) -> str:
+    """sparse: our 2:4 kernel (Triton), else cuSPARSELt through the plugin; dense: torch's F.linear (cuBLAS,
+    which the compiled step fuses around; measured the stronger dense in docs/gpu_path.md)."""
     if device.type != "cuda":
         if sparse:
-            raise EsparseError("the sparse path needs a CUDA GPU with sparse tensor cores; use --dense on the CPU")
+            raise EsparseError("the sparse path needs a CUDA GPU; use --dense on the CPU")
         return "torch"
-    from esparse.ft_plugin import build_info
+    if not sparse:
+        return "torch"
+    from esparse.ft_plugin import build_info, nm24
 
+    if nm24.available():
+        return "sparse"
     info = build_info()
     if not info.built:
-        if sparse:
-            raise EsparseError(f"the sparse path needs the compiled ft_plugin ({info.reason}); use --dense")
-        log.warning("ft_plugin not built (%s): dense linears run on torch", info.reason)
-        return "torch"
-    return "sparse" if sparse else "dense"
+        raise EsparseError(f"the sparse path needs Triton (a CUDA build of torch) or the compiled ft_plugin "
+                           f"({info.reason}); use --dense")
+    return "cusparselt"
 
 
 def load_decoder(path: str | Path, device: str = "cuda", dtype: torch.dtype = torch.float16, sparse: bool = False,

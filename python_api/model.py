@@ -10,8 +10,13 @@ put in by the loader (python_api/loader.py), and the sparse or plugin-dense path
 Channel permutations cost nothing extra: producers' rows were permuted at export, and a norm that feeds a
 permuted group gathers its input at P (norm statistics are permutation invariant), its gain gathered at load.
 
-KV cache: preallocated [layers, batch, kv_heads, max_len, head_dim]. Prompts of different lengths are left
-padded, so every sequence writes the same cache slot at each step; ``pad`` [B] says where each starts.
+KV cache: preallocated [layers, batch, max_len, kv_heads, head_dim]; each row of the batch is a sequence with its
+own length, so a batch can hold sequences that started at different times (continuous batching). ``start`` [B]
+says where each row's new tokens go; a token's position is its cache slot.
+
+Decode (one new token per row) is the hot path: on a GPU its step is compiled (torch.compile fuses the norms,
+residual adds, rotary and cache writes, SiLU·up) and replayed from a CUDA graph per batch bucket
+(:class:`GraphDecodeStep`); attention reads only each row's filled slots (python_api/attention.py).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from esparse.errors import EsparseError
 from esparse.format.families import family
 from esparse.format.ft_format import FTConfig
 
+from .attention import decode_attention
+
 # Where each sharing group's linear and norm sit inside a TransformerBlock: the loader fills them by group, so
 # this table is the whole mapping from the FT format to the modules, for every family.
 LINEAR_OF_GROUP = {"attn_in": "attention.wqkv", "attn_out": "attention.wo", "mlp_in": "feed_forward.w1",
@@ -35,19 +42,25 @@ NORM_OF_GROUP = {"attn_in": "attention_norm", "mlp_in": "ffn_norm"}
 
 @dataclass
 class KVCache:
-    k: torch.Tensor  # [L, B, n_kv, S, d]
+    k: torch.Tensor  # [L, B, S, n_kv, d]
     v: torch.Tensor
-    pad: torch.Tensor  # [B] first valid slot of each sequence (left padding)
 
     @classmethod
     def empty(cls, cfg: FTConfig, batch: int, max_len: int, device, dtype) -> KVCache:
-        shape = (cfg.n_layers, batch, cfg.n_kv, max_len, cfg.head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
-                   torch.zeros(batch, dtype=torch.long, device=device))
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv, cfg.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def rows(self, lo: int, hi: int) -> KVCache:
+        """Rows lo..hi-1 as a cache of their own (views: writes land in this cache), e.g. to prefill one row."""
+        return KVCache(self.k[:, lo:hi], self.v[:, lo:hi])
 
 
 class Norm(nn.Module):
@@ -85,27 +98,30 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.hidden, q + 2 * kv, bias=qkv_bias)
         self.wo = nn.Linear(q, cfg.hidden, bias=o_bias)
 
-    def forward(self, x, rope, cache: KVCache, i: int, slot: torch.Tensor, mask, attend: int | None):
+    def forward(self, x, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, prefill: bool):
+        """x [B, T, dim] at positions pos [B, T]; k_cache/v_cache [B, S, n_kv, d] of this layer. ``prefill``: the
+        rows start empty (pos = 0..T-1), so attention is causal over the new tokens alone."""
         b, t, _ = x.shape
         d, nh, nkv = self.head_dim, self.n_head, self.n_kv
         q, k, v = self.wqkv(x).split([nh * d, nkv * d, nkv * d], dim=-1)
-        q = q.view(b, t, nh, d).transpose(1, 2)
-        k = k.view(b, t, nkv, d).transpose(1, 2)
-        v = v.view(b, t, nkv, d).transpose(1, 2)
+        q, k, v = q.view(b, t, nh, d), k.view(b, t, nkv, d), v.view(b, t, nkv, d)
         if rope is not None:
             cos, sin = rope
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-        cache.k[i].index_copy_(2, slot, k)
-        cache.v[i].index_copy_(2, slot, v)
-        if mask is None:  # prefill without padding: causal attention over the new tokens only
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nh)
-        else:
-            kk, vv = cache.k[i], cache.v[i]
-            if attend is not None:
-                kk, vv = kk[:, :, :attend], vv[:, :, :attend]
-            y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=nkv != nh)
-        return self.wo(y.transpose(1, 2).reshape(b, t, nh * d))
+        rows = torch.arange(b, device=x.device)[:, None]
+        k_cache[rows, pos] = k
+        v_cache[rows, pos] = v
+        if t == 1:  # decode: one query per row over that row's filled slots
+            y = decode_attention(q[:, 0], k_cache, v_cache, pos[:, 0] + 1)[:, None]
+        elif prefill:
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=nkv != nh).transpose(1, 2)
+        else:  # new tokens after cached ones (chunked prefill): each sees the slots up to its own position
+            mask = torch.arange(k_cache.shape[1], device=x.device)[None, None, :] <= pos[:, :, None]
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                               attn_mask=mask[:, None], enable_gqa=nkv != nh).transpose(1, 2)
+        return self.wo(y.reshape(b, t, nh * d))
 
 
 class FeedForward(nn.Module):
@@ -138,9 +154,13 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = Norm(cfg.hidden, cfg.eps, fam.rms_norm, "mlp_in" in cfg.permuted)
         self.feed_forward = FeedForward(cfg.hidden, cfg.inter, fam.gated_mlp, bias["mlp_in"], bias["mlp_out"])
 
-    def forward(self, x, rope, cache: KVCache, i: int, slot: torch.Tensor, mask, attend: int | None):
-        h = x + self.attention(self.attention_norm(x), rope, cache, i, slot, mask, attend)
+    def forward(self, x, rope, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, prefill: bool):
+        h = x + self.attention(self.attention_norm(x), rope, k_cache, v_cache, pos, prefill)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+def _run_block(layer: TransformerBlock, x, rope, k_cache, v_cache, pos, prefill: bool) -> torch.Tensor:
+    return layer(x, rope, k_cache, v_cache, pos, prefill)
 
 
 class Transformer(nn.Module):
@@ -158,6 +178,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", None, persistent=False)
         self.backend = "torch"
         self._graphs: dict[tuple[int, int], tuple[KVCache, GraphDecodeStep]] = {}
+        self._decode_fn = None  # the compiled decode step (compile_decode), else the eager layers
 
     @property
     def device(self) -> torch.device:
@@ -193,46 +214,59 @@ class Transformer(nn.Module):
         if self.inv_freq is None:
             return None
         freqs = pos[..., None].float() * self.inv_freq  # [B, T, d/2]
-        emb = torch.cat([freqs, freqs], -1)[:, None]  # [B, 1, T, d]
+        emb = torch.cat([freqs, freqs], -1)[:, :, None]  # [B, T, 1, d]
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    def forward(self, ids: torch.Tensor, cache: KVCache, start: int | torch.Tensor, all_logits: bool = False,
-                attend: int | None = None) -> torch.Tensor:
-        """Run tokens ``ids`` [B, T] written at cache slots start..start+T-1; returns logits.
+    def forward(self, ids: torch.Tensor, cache: KVCache, start: int | torch.Tensor,
+                all_logits: bool = False) -> torch.Tensor:
+        """Run tokens ``ids`` [B, T] written at cache slots start..start+T-1 of each row; returns logits
+        [B, T or 1, vocab] (fp32).
 
-        Prefill: start = 0 (int). Decode: T = 1 and ``start`` a 1-element device tensor (CUDA-graph friendly);
-        ``attend`` limits attention to the first slots (eager decode), None attends to all (graphs).
+        ``start``: an int (every row; 0 is a prefill of empty rows) or a [B] (or [1]) device tensor, one start
+        per row (decode, CUDA-graph friendly: no host value steers the work).
         """
         b, t = ids.shape
-        dev = ids.device
+        prefill = isinstance(start, int) and start == 0
         if isinstance(start, int):
-            slot = torch.arange(start, start + t, device=dev)
-        else:
-            slot = start + torch.arange(t, device=dev)
-        pos = (slot[None, :] - cache.pad[:, None]).clamp_min(0)  # [B, T]
-        x = self.tok_embeddings(ids)
-        if self.pos_embeddings is not None:
-            x = x + self.pos_embeddings(pos)
-        rope = self._rope(pos)
-        plain = t > 1 and isinstance(start, int) and start == 0 and not bool((cache.pad > 0).any())
-        mask = None
-        if not plain:
-            s = attend if attend is not None else cache.max_len
-            keys = torch.arange(s, device=dev)
-            mask = (keys[None, None, :] <= slot[None, :, None]) & (keys[None, None, :] >= cache.pad[:, None, None])
-            mask = mask | (keys[None, None, :] == slot[None, :, None])  # padded queries see themselves
-            mask = mask[:, None]  # [B, 1, T, S]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, cache, i, slot, mask, attend)
+            start = torch.full((b,), start, dtype=torch.long, device=ids.device)
+        pos = start.expand(b)[:, None] + torch.arange(t, device=ids.device)  # [B, T]
+        step = self._decode_fn if t == 1 and self._decode_fn is not None else self._layers
+        x = step(ids, pos, cache.k, cache.v, prefill)
         if not all_logits:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
 
+    def _layers(self, ids, pos, k_cache, v_cache, prefill: bool, block=None) -> torch.Tensor:
+        x = self.tok_embeddings(ids)
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(pos)
+        rope = self._rope(pos)
+        for i, layer in enumerate(self.layers):
+            x = (block or _run_block)(layer, x, rope, k_cache[i], v_cache[i], pos, prefill)
+        return x
+
+    def compile_decode(self, enable: bool = True) -> None:
+        """Compile the decode step (one token per row) with torch.compile: the norms, residual adds, rotary,
+        cache writes and SiLU·up become a few fused kernels around the GEMMs. Off: the eager step."""
+        if not enable:
+            self._decode_fn = None
+            return
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        block = torch.compile(_run_block, fullgraph=True, dynamic=False)  # one graph serves every layer
+        self._decode_fn = lambda *a: self._layers(*a, block=block)
+
     def weight_bytes(self) -> int:
-        """Bytes of all weights as held on the device (compressed sparse weights count compressed)."""
-        tensors = [*self.parameters(), *(b for b in self.buffers() if b.is_floating_point())]
-        total = sum(t.numel() * t.element_size() for t in tensors)
-        return total + sum(m.compressed_bytes() for m in self.modules() if hasattr(m, "compressed_bytes"))
+        """Bytes of all weights as held on the device (compressed sparse weights count compressed, once)."""
+        total = 0
+        for mod in self.modules():
+            own = [*mod.parameters(recurse=False), *(b for b in mod.buffers(recurse=False) if b.is_floating_point())]
+            if hasattr(mod, "compressed_bytes"):
+                own = [t for t in own if t is not getattr(mod, "values", None)]
+                total += mod.compressed_bytes()
+            total += sum(t.numel() * t.element_size() for t in own)
+        return total
 
 
 _CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
@@ -264,17 +298,22 @@ def capture_graph(fn, device: torch.device, warmup: int = 1):
 
 
 class GraphDecodeStep:
-    """One decode step captured in a CUDA graph for a fixed batch size and cache."""
+    """One decode step captured in a CUDA graph for a fixed batch size and cache (the compiled step, when
+    :meth:`Transformer.compile_decode` was called, is what gets captured)."""
 
     def __init__(self, model: Transformer, cache: KVCache):
         self.model, self.cache = model, cache
-        b = cache.k.shape[1]
+        b = cache.batch
         self.ids = torch.zeros(b, 1, dtype=torch.long, device=model.device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=model.device)
-        self.graph, self.logits = capture_graph(lambda: model(self.ids, cache, self.slot), model.device, warmup=2)
+        self.start = torch.zeros(b, dtype=torch.long, device=model.device)
+        self.graph, self.logits = capture_graph(lambda: model(self.ids, cache, self.start), model.device, warmup=2)
 
-    def __call__(self, ids: torch.Tensor, slot: int) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, 1, V] for ``ids`` [B, 1] written at ``start`` (an int for every row, or [B])."""
         self.ids.copy_(ids)
-        self.slot.fill_(slot)
+        if isinstance(start, int):
+            self.start.fill_(start)
+        else:
+            self.start.copy_(start)
         self.graph.replay()
         return self.logits

@@ -266,8 +266,8 @@ def test_runtime_sparse_matches_dense_and_graph_matches_eager(pruned_export):
     from esparse.python_api import load_decoder
     from esparse.python_api.generate import generate
 
-    dense = load_decoder(pruned_export, device="cuda", dtype=torch.float16, sparse=False)
-    sparse = load_decoder(pruned_export, device="cuda", dtype=torch.float16, sparse=True)
+    dense = load_decoder(pruned_export, device="cuda", dtype=torch.float16, backend="dense")
+    sparse = load_decoder(pruned_export, device="cuda", dtype=torch.float16, backend="cusparselt")
     ids = torch.randint(3, 300, (2, 40), device="cuda")
     a = dense(ids, dense.new_cache(2, 64), 0, all_logits=True)
     b = sparse(ids, sparse.new_cache(2, 64), 0, all_logits=True)
@@ -293,7 +293,7 @@ def test_sparse_load_holds_one_dense_layer_and_serves_compressed(monkeypatch):
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    model = build_decoder(src, "cuda", torch.float16, "sparse")
+    model = build_decoder(src, "cuda", torch.float16, "cusparselt")
     resident = torch.cuda.memory_allocated() - base
     over = torch.cuda.max_memory_allocated() - base - resident
     assert over <= 4 * layer_bytes, (over, layer_bytes)  # one dense layer + checks; the whole model is 12
@@ -349,3 +349,9 @@ def test_real_smollm2_sparse_generates_the_dense_tokens(tmp_path):
         top2 = ld[len(ids) - 1 + first].topk(2).values
         assert (top2[0] - top2[1]).item() < MARGIN, (prompt, first, tok.decode(want), tok.decode(got))
     assert exact >= len(REAL_PROMPTS) - 1, exact
+    # the compiled step, replayed from CUDA graphs, gives each path's eager greedy tokens for 32 steps
+    prompts = [tok(p).input_ids for p in REAL_PROMPTS]
+    for model in (dense, sparse):
+        eager = generate(model, prompts, 32)
+        model.compile_decode()
+        assert generate(model, prompts, 32, cuda_graph=True) == eager

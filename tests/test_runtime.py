@@ -46,7 +46,7 @@ def test_logits_match_transformers(exported, which):
     cache = rt.new_cache(2, 32)
     rt(ids[:, :10], cache, 0)
     for j in range(10, 20):
-        step = rt(ids[:, j : j + 1], cache, torch.tensor([j]), attend=j + 1)
+        step = rt(ids[:, j : j + 1], cache, torch.tensor([j, j]))
     assert ((step[:, -1] - ref[:, -1]).norm() / ref[:, -1].norm()).item() <= 1e-3
 
 
