@@ -82,19 +82,25 @@ def expand_reference(values: torch.Tensor, meta32: torch.Tensor) -> torch.Tensor
 if triton is not None:
 
     @triton.jit
-    def _expand_tile(v_ptr, m_ptr, rn, kk, N, KH, KW, BLOCK_K: tl.constexpr):
-        """The dense [BLOCK_N, BLOCK_K] tile of rows rn at input channels kk..kk+BLOCK_K (zeros past N, K)."""
+    def _expand_tile(v_ptr, m_ptr, rn, kk, N, KH, KW, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        """The dense [BLOCK_N, BLOCK_K] tile of rows rn at input channels kk..kk+BLOCK_K (zeros past N, K).
+        Values and position words are read as contiguous row pieces (wide loads); the split into groups happens
+        in registers."""
         G: tl.constexpr = BLOCK_K // 4
-        gi = tl.arange(0, G)
         row_ok = rn[:, None] < N
-        # values of group g are entries 2g, 2g+1: load them as two [BLOCK_N, G] tiles
-        vk = kk // 2 + 2 * gi
-        v0 = tl.load(v_ptr + rn[:, None] * KH + vk[None, :], mask=row_ok & (vk[None, :] < KH), other=0.0)
-        v1 = tl.load(v_ptr + rn[:, None] * KH + vk[None, :] + 1, mask=row_ok & (vk[None, :] < KH), other=0.0)
+        vk = kk // 2 + tl.arange(0, BLOCK_K // 2)
+        v_mask = row_ok
+        if not EVEN_K:
+            v_mask = row_ok & (vk[None, :] < KH)
+        v = tl.load(v_ptr + rn[:, None] * KH + vk[None, :], mask=v_mask, other=0.0)
+        v0, v1 = tl.split(tl.reshape(v, (v.shape[0], G, 2)))  # group g's kept values: entries 2g, 2g+1
+        wk = kk // 32 + tl.arange(0, BLOCK_K // 32)
+        w_mask = row_ok
+        if not EVEN_K:
+            w_mask = row_ok & (wk[None, :] < KW)
+        words = tl.load(m_ptr + rn[:, None] * KW + wk[None, :], mask=w_mask, other=0)
         # group g's four position bits are nibble g % 8 of word g // 8
-        wk = kk // 32 + gi // 8
-        words = tl.load(m_ptr + rn[:, None] * KW + wk[None, :], mask=row_ok & (wk[None, :] < KW), other=0)
-        nib = (words >> (4 * (gi % 8))[None, :]) & 0xF
+        nib = tl.reshape((words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 0xF, (v.shape[0], G))
         p0 = nib & 3
         p1 = nib >> 2
         zero = tl.zeros_like(v0)
@@ -107,21 +113,22 @@ if triton is not None:
         return tl.reshape(w, (w.shape[0], BLOCK_K))
 
     @triton.jit
-    def _nm24_gemv_kernel(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+    def _nm24_gemv_kernel(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, M, N, K, KH, KW, stride_xm, stride_ym,
                           HAS_BIAS: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
         """y[:M, rows] for a few tokens on CUDA cores: each weight tile is expanded once and used by every token."""
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         rm = tl.arange(0, BLOCK_M)
-        KH = K // 2
-        KW = K // 32
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in range(0, K, BLOCK_K):
-            w = _expand_tile(v_ptr, m_ptr, rn, kk, N, KH, KW, BLOCK_K).to(tl.float32)
+            w = _expand_tile(v_ptr, m_ptr, rn, kk, N, KH, KW, BLOCK_K, EVEN_K).to(tl.float32)
             for mi in tl.static_range(BLOCK_M):
-                xr = tl.load(x_ptr + mi * stride_xm + kk + rk, mask=(kk + rk < K) & (mi < M), other=0.0)
+                x_mask = (kk + rk < K) & (mi < M)
+                if EVEN_K:
+                    x_mask = (rk >= 0) & (mi < M)
+                xr = tl.load(x_ptr + mi * stride_xm + kk + rk, mask=x_mask, other=0.0)
                 s = tl.sum(w * xr.to(tl.float32)[None, :], axis=1)
                 acc += tl.where(rm[:, None] == mi, s[None, :], 0.0)
         if HAS_BIAS:
@@ -132,20 +139,18 @@ if triton is not None:
         tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
     @triton.jit
-    def _nm24_mma_kernel(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+    def _nm24_mma_kernel(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, M, N, K, KH, KW, stride_xm, stride_ym,
                          HAS_BIAS: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
         """y[rows_m, rows_n] on tensor cores: the expanded tile times the tokens' tile (tl.dot)."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.arange(0, BLOCK_K)
-        KH = K // 2
-        KW = K // 32
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for kk in range(0, K, BLOCK_K):
-            w = _expand_tile(v_ptr, m_ptr, rn, kk, N, KH, KW, BLOCK_K)
+            w = _expand_tile(v_ptr, m_ptr, rn, kk, N, KH, KW, BLOCK_K, EVEN_K)
             xt = tl.load(x_ptr + rm[None, :] * stride_xm + (kk + rk)[:, None],
                          mask=(rm[None, :] < M) & ((kk + rk)[:, None] < K), other=0.0)
             acc = tl.dot(w, xt, acc)
@@ -161,7 +166,7 @@ if triton is not None:
         """Dense W [N, K] from the layout (prefill: expanded once into scratch, then one cuBLAS GEMM)."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         kk = tl.program_id(1) * BLOCK_K
-        w = _expand_tile(v_ptr, m_ptr, rn, kk, N, K // 2, K // 32, BLOCK_K)
+        w = _expand_tile(v_ptr, m_ptr, rn, kk, N, K // 2, K // 32, BLOCK_K, False)
         rk = kk + tl.arange(0, BLOCK_K)
         tl.store(w_ptr + rn[:, None] * K + rk[None, :], w, mask=(rn[:, None] < N) & (rk[None, :] < K))
 
@@ -188,23 +193,17 @@ def set_tiles(n: int, k: int, bucket: int, cfg: tuple[int, int, int, int]) -> No
 
 
 def _launch(x2: torch.Tensor, values: torch.Tensor, meta32: torch.Tensor, bias: torch.Tensor | None,
-            relu: bool, y: torch.Tensor) -> None:
+            relu: bool, y: torch.Tensor, wrap=lambda fn: fn) -> None:
+    """y [M, N] = x2 [M, K] W^T (+ bias, ReLU); ``wrap`` is torch.library.wrap_triton inside the op."""
     m, k = x2.shape
     n = values.shape[0]
     bn, bk, warps, stages = tiles(n, k, m)
-    bm = _bucket(m)
-    b = bias if bias is not None else values  # any pointer; unused without HAS_BIAS
-    if bm < 16:
-        grid = (triton.cdiv(n, bn),)
-        _nm24_gemv_kernel[grid](x2, values, meta32, b, y, m, n, k, x2.stride(0), y.stride(0),
-                                HAS_BIAS=bias is not None, RELU=relu, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                num_warps=warps, num_stages=stages)
-    else:
-        bm = min(bm, 64)
-        grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
-        _nm24_mma_kernel[grid](x2, values, meta32, b, y, m, n, k, x2.stride(0), y.stride(0),
-                               HAS_BIAS=bias is not None, RELU=relu, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                               num_warps=warps, num_stages=stages)
+    bm = min(_bucket(m), 64)
+    kernel = _nm24_gemv_kernel if bm < 16 else _nm24_mma_kernel
+    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
+    wrap(kernel)[grid](x2, values, meta32, bias if bias is not None else values, y, m, n, k, k // 2, k // 32,
+                       x2.stride(0), y.stride(0), HAS_BIAS=bias is not None, RELU=relu, BLOCK_M=bm, BLOCK_N=bn,
+                       BLOCK_K=bk, EVEN_K=k % bk == 0, num_warps=warps, num_stages=stages)
 
 
 @functools.cache
@@ -219,28 +218,15 @@ def _register():
         x2 = x.reshape(-1, k)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        m, n = x2.shape[0], values.shape[0]
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        bn, bk, warps, stages = tiles(n, k, m)
-        bm = _bucket(m)
-        b = bias if bias is not None else values
-        if bm < 16:
-            wrap_triton(_nm24_gemv_kernel)[(triton.cdiv(n, bn),)](
-                x2, values, meta32, b, y, m, n, k, x2.stride(0), y.stride(0), HAS_BIAS=bias is not None,
-                RELU=relu, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-        else:
-            bm = min(bm, 64)
-            wrap_triton(_nm24_mma_kernel)[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
-                x2, values, meta32, b, y, m, n, k, x2.stride(0), y.stride(0), HAS_BIAS=bias is not None,
-                RELU=relu, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-        return y.view(*x.shape[:-1], n)
+        y = torch.empty((x2.shape[0], values.shape[0]), dtype=x.dtype, device=x.device)
+        _launch(x2, values, meta32, bias, relu, y, wrap_triton)
+        return y.view(*x.shape[:-1], values.shape[0])
 
     @triton_op("esparse::nm24_expand", mutates_args=("out",))
     def nm24_expand(values: torch.Tensor, meta32: torch.Tensor, out: torch.Tensor) -> None:
         n, k = out.shape
-        bn, bk = 32, 128
-        wrap_triton(_nm24_expand_kernel)[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
-            values, meta32, out, n, k, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+        wrap_triton(_nm24_expand_kernel)[(triton.cdiv(n, 32), triton.cdiv(k, 128))](
+            values, meta32, out, n, k, BLOCK_N=32, BLOCK_K=128, num_warps=4)
 
     return nm24_linear, nm24_expand
 
@@ -260,9 +246,3 @@ def decompress(values: torch.Tensor, meta32: torch.Tensor, out: torch.Tensor) ->
         return out
     _register()[1](values, meta32, out)
     return out
-
-
-def launch_direct(x2: torch.Tensor, values: torch.Tensor, meta32: torch.Tensor, bias: torch.Tensor | None,
-                  relu: bool, y: torch.Tensor) -> None:
-    """The kernel without the op layer (the GEMM benchmark's tile sweep)."""
-    _launch(x2, values, meta32, bias, relu, y)
