@@ -3,6 +3,7 @@
 # Logs and results go under $OUT (the device tool brings them back). Stages:
 #   setup   README's setup on the image's torch (offline: wheels from .dev/whl), esparse env
 #   test    python -m pytest -m "gpu and not real" with the cuSPARSELt chosen by the environment
+#   decode  tests/test_gpu_decode.py alone (our 2:4 kernel, decode attention, the compiled step)
 #   gemm    bench/gemm.py (LLaMA-7B and 13B shapes)       e2e  esparse bench --shape llama-7b / llama-13b
 #   assets  joins the GGUF parts (/root/assets/g1, g2 copied by earlier calls; .dev/g3 carried now) into the cache
 #   real    the real-model GPU test and esparse demo --device cuda (needs the assets in $ESPARSE_CACHE)
@@ -22,15 +23,16 @@ for stage in "$@"; do
   case $stage in
     setup)
       nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/smi.txt"
-      ESPARSE_BUILD_PLUGIN=ON PIP_NO_INDEX=1 PIP_FIND_LINKS=$PWD/.dev/whl ESPARSE_EXTRAS=gguf bash scripts/setup.sh 2>&1 | tail -60 \
+      ESPARSE_BUILD_PLUGIN=ON PIP_NO_INDEX=1 PIP_FIND_LINKS=$PWD/.dev/whl ESPARSE_EXTRAS=${ESPARSE_EXTRAS-gguf} bash scripts/setup.sh 2>&1 | tail -60 \
         | tee "$OUT/setup.log" ;;
     env) .venv/bin/esparse env 2>&1 | tee "$OUT/env-$tag.txt" ;;
     test) timeout "${TEST_TIMEOUT:-400}" $py -m pytest -q -rs -m "gpu and not real" tests 2>&1 | tee "$OUT/gpu-$tag.log" | tail -40 ;;
-    gemm) timeout "${GEMM_TIMEOUT:-400}" $py bench/gemm.py --models ${GEMM_MODELS:-llama-7b,llama-13b} --ms 1,8,16,32,64,128,1024,2048,4096 --iters 30 \
-            --no-torch-sparse --out "$OUT/gemm-$tag" 2>&1 | tee "$OUT/gemm-$tag.log" | tail -80 ;;
+    decode) timeout "${TEST_TIMEOUT:-300}" $py -m pytest -q -rs -x tests/test_gpu_decode.py 2>&1 | tee "$OUT/decode-$tag.log" | tail -30 ;;
+    gemm) timeout "${GEMM_TIMEOUT:-400}" $py bench/gemm.py --models ${GEMM_MODELS:-llama-7b,llama-13b} --ms ${GEMM_MS:-1,2,4,8,16,32,64,128,2048} --iters 20 \
+            --no-torch-sparse ${SWEEP:+--sweep $SWEEP} --copies 4 --out "$OUT/gemm-$tag" 2>&1 | tee "$OUT/gemm-$tag.log" | tail -80 ;;
     e2e) for s in ${SHAPES:-llama-7b}; do
-           timeout "${E2E_TIMEOUT:-300}" .venv/bin/esparse bench --shape "$s" --batches 1,4,16,64 --prompt-len 2048 --decode-steps 32 \
-             --out "$OUT/e2e-$tag-$s" 2>&1 | tee "$OUT/e2e-$tag-$s.log" | tail -14
+           timeout "${E2E_TIMEOUT:-300}" .venv/bin/esparse bench --shape "$s" --batches ${BATCHES:-1,4,16,64} --prompt-len 2048 --decode-steps 32 \
+             --backends ${BACKENDS:-torch,dense,sparse} --out "$OUT/e2e-$tag-$s" 2>&1 | tee "$OUT/e2e-$tag-$s.log" | tail -40
          done ;;
     assets) c=${ESPARSE_CACHE:-$HOME/.cache/esparse}; mkdir -p "$c/smollm2" && cp -r .dev/g3/text "$c/"
             cat /root/assets/g1 /root/assets/g2 .dev/g3/p > "$c/smollm2/$(cat .dev/g3/name)"
