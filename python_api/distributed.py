@@ -79,6 +79,7 @@ class TPSession:
     device: torch.device
     group: dist.ProcessGroup
     timeout_s: float
+    owns_group: bool = False  # this session initialized torch.distributed (and so leaves it at close)
 
     def agree(self, fn: Callable[[], T], what: str) -> T:
         """Run ``fn`` on every rank, then agree on the outcome: if any rank failed, rank 0 raises one
@@ -111,7 +112,7 @@ class TPSession:
     def close(self, clean: bool = True) -> None:
         """Leave the process group (after a failure only the process exit tears it down: destroying a NCCL
         group whose peer is gone can block)."""
-        if clean and dist.is_initialized():
+        if clean and self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -161,6 +162,8 @@ def start(tp: int | None, device: str | None, timeout_s: float = DEFAULT_TIMEOUT
     dev = _device_of_rank(kind, rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    if dist.is_initialized():  # joined already (a server that set up its ranks first): that world, its timeout
+        return TPSession(dist.get_rank(), dist.get_world_size(), dev, dist.group.WORLD, timeout_s)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     try:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
@@ -170,7 +173,7 @@ def start(tp: int | None, device: str | None, timeout_s: float = DEFAULT_TIMEOUT
                            f"({_first_line(e)}): check that every rank started (torchrun --nproc-per-node {world}) "
                            "and that MASTER_ADDR/MASTER_PORT reach rank 0") from e
     log.debug("rank %d of %d on %s (%s)", rank, world, dev, backend)
-    return TPSession(rank, world, dev, dist.group.WORLD, timeout_s)
+    return TPSession(rank, world, dev, dist.group.WORLD, timeout_s, owns_group=True)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -260,6 +261,17 @@ def test_logits_and_serving_steps_match_one_process(exports, tmp_path):
             g = got[str(exports[name])][key]
             assert g.shape == r.shape and (g - r).abs().max().item() <= 1e-4, (name, key)
             assert torch.equal(g.argmax(-1), r.argmax(-1)), (name, key)
+
+
+def test_bench_over_two_ranks(exports, tmp_path):
+    """esparse bench --tp 2 on both ranks (as torchrun starts them): rank 0 alone prints and writes bench.json."""
+    argv = [ESPARSE, "bench", str(exports["opt-pruned"]), "--tp", "2", "--backends", "torch", "--batches", "1,2",
+            "--prompt-len", "8", "--decode-steps", "2", "--out", str(tmp_path / "b")]
+    with launched(tmp_path, *ranks(argv, _free_port())) as (r0, r1):
+        assert [r0.wait(LAUNCH_TIMEOUT_S), r1.wait(LAUNCH_TIMEOUT_S)] == [0, 0], (r0.stderr, r1.stderr)
+    assert "over 2 ranks" in r0.stdout and "decode tok/s b=2" in r0.stdout and r1.stdout == ""
+    data = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert data["meta"]["tp"] == 2 and data["results"]["torch"]["decode_tok_s"]["2"] > 0
 
 
 def test_bad_shard_on_one_rank_is_one_line_from_rank_0(exports, tmp_path):
