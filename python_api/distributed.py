@@ -92,7 +92,7 @@ class TPSession:
             err = str(e)
         except Exception as e:  # a bug on one rank must still stop the others; its traceback is logged here
             log.exception("rank %d: %s failed", self.rank, what)
-            err = f"{type(e).__name__}: {e}"
+            err = f"{type(e).__name__}: {_first_line(e)} (traceback in rank {self.rank}'s log)"
         errors: list[str | None] = [None] * self.size
         try:
             dist.all_gather_object(errors, err, group=self.group)
@@ -110,15 +110,28 @@ class TPSession:
                                      for m, rs in by_cause.items()))
 
     def close(self, clean: bool = True) -> None:
-        """Leave the process group (after a failure only the process exit tears it down: destroying a NCCL
-        group whose peer is gone can block)."""
-        if clean and self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        """Leave the process group: after a barrier, so that no rank closes its connections while another is
+        still inside the last collective. After a failure only the process exit tears it down (destroying a
+        NCCL group whose peer is gone can block)."""
+        if not (clean and self.owns_group and dist.is_initialized()):
+            return
+        try:
+            dist.barrier(group=self.group)
+        except RuntimeError as e:
+            raise lost_ranks(self.rank, "barrier at the end", e) from e
+        dist.destroy_process_group()
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, str(default))
+    if not text.isdigit():
+        raise EsparseError(f"{name}={text!r} is not a number: launch with torchrun, which sets it, or unset it")
+    return int(text)
 
 
 def launched_ranks() -> int:
     """How many processes the launcher started (torchrun's WORLD_SIZE; 1 when not launched by it)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return max(1, _env_int("WORLD_SIZE", 1))
 
 
 def _check_launch(tp: int | None, world: int, device: str | None) -> str:
@@ -138,7 +151,7 @@ def _check_launch(tp: int | None, world: int, device: str | None) -> str:
 def _device_of_rank(kind: str, rank: int) -> torch.device:
     if kind == "cpu":
         return torch.device("cpu")
-    local = int(os.environ.get("LOCAL_RANK", rank))
+    local = _env_int("LOCAL_RANK", rank)
     if local >= torch.cuda.device_count():
         raise EsparseError(f"rank {rank} has LOCAL_RANK {local} but this host shows {torch.cuda.device_count()} GPUs: "
                            "start at most one process per GPU (torchrun --nproc-per-node)")
@@ -152,7 +165,7 @@ def start(tp: int | None, device: str | None, timeout_s: float = DEFAULT_TIMEOUT
     world = launched_ranks()
     if world == 1:
         return None
-    rank = int(os.environ.get("RANK", "0"))
+    rank = _env_int("RANK", 0)
     try:
         kind = _check_launch(tp, world, device)
     except EsparseError:
