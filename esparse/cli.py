@@ -229,36 +229,42 @@ def _tokenizer_folder(folder: Path, given: Path) -> Path:
 
 
 def cmd_generate(args) -> None:
+    from esparse.python_api import distributed
+
+    with distributed.session(args.tp, args.device, args.tp_timeout) as tp:  # None unless torchrun started ranks
+        _rank_logging(tp)
+        _generate(args, tp)
+
+
+def _generate(args, tp) -> None:
     import torch
 
     from esparse.converter.model_io import load_tokenizer
     from esparse.python_api import distributed, load_decoder
     from esparse.python_api.generate import generate
 
-    with distributed.session(args.tp, args.device, args.tp_timeout) as tp:  # None unless torchrun started ranks
-        _rank_logging(tp)
-        dev = tp.device if tp else resolve_device(args.device)
-        dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
+    dev = tp.device if tp else resolve_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
 
-        def load():
-            folder = _ft_folder(args.model)
-            tok = load_tokenizer(_tokenizer_folder(folder, args.model))
-            if tp:
-                return tok, distributed.load_shard(folder, tp, dtype, sparse=args.sparse)
-            return tok, load_decoder(folder, device=str(dev), dtype=dtype, sparse=args.sparse, tp=args.tp)
+    def load():
+        folder = _ft_folder(args.model)
+        tok = load_tokenizer(_tokenizer_folder(folder, args.model))
+        if tp:
+            return tok, distributed.load_shard(folder, tp, dtype, sparse=args.sparse)
+        return tok, load_decoder(folder, device=str(dev), dtype=dtype, sparse=args.sparse, tp=args.tp)
 
-        tok, model = tp.agree(load, "loading") if tp else load()  # one rank's bad shard stops every rank
-        if args.compile and dev.type == "cuda":
-            model.compile_decode()
-        prompts = [tok(p).input_ids for p in args.prompt]
-        outs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p,
-                        eos_id=tok.eos_token_id, seed=args.seed,
-                        cuda_graph=args.cuda_graph)
-        if tp and tp.rank != 0:
-            return
-        for p, o in zip(args.prompt, outs):
-            print(p + tok.decode(o, skip_special_tokens=True))
-            print("-" * 40)
+    tok, model = tp.agree(load, "loading") if tp else load()  # one rank's bad shard stops every rank
+    if args.compile and dev.type == "cuda":
+        model.compile_decode()
+    prompts = [tok(p).input_ids for p in args.prompt]
+    outs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p,
+                    eos_id=tok.eos_token_id, seed=args.seed,
+                    cuda_graph=args.cuda_graph)
+    if tp and tp.rank != 0:  # every rank computed the same tokens; rank 0 prints them
+        return
+    for p, o in zip(args.prompt, outs):
+        print(p + tok.decode(o, skip_special_tokens=True))
+        print("-" * 40)
 
 
 def cmd_bench(args) -> None:
