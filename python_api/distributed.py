@@ -17,8 +17,8 @@ Launched by ``torchrun --nproc-per-node N`` (one process per GPU), each rank rea
   step's critical path.
 * The output projection (lm_head) is split by vocabulary, ceil(vocab / tp) rows per rank (the last padded with
   zero rows), and its logits are all-gathered: decode is bound by reading weights, and a replicated head would
-  be read in full by every rank each step (vocab x hidden: 4% of LLaMA-7B's weights, which at tp=8 grows to a
-  quarter of what each rank reads). The gather also leaves bitwise the same logits on every rank, so every rank
+  be read in full by every rank each step (vocab x hidden: 2% of LLaMA-7B's weights, but at tp=8 about 14% of
+  what each rank reads). The gather also leaves bitwise the same logits on every rank, so every rank
   samples the same token with the same seed and the ranks cannot drift apart.
 
 Failures: every collective has the session's timeout (gloo raises when it passes; NCCL's watchdog aborts the
