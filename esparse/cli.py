@@ -20,6 +20,7 @@ from esparse.converter.fsutil import install_signal_handlers
 from esparse.devices import DTYPES, parse_dtype, resolve_device
 from esparse.errors import EsparseError
 from esparse.python_api.bench import SHAPES
+from esparse.python_api.distributed import DEFAULT_TIMEOUT_S
 
 if TYPE_CHECKING:
     from esparse.converter.prune import PruneConfig
@@ -167,7 +168,9 @@ def _add_generate_bench(sub) -> None:
     g.add_argument("--cuda-graph", action="store_true", help="replay decode steps from a CUDA graph")
     g.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile (GPU)")
     g.add_argument("--tp", type=int, choices=(1, 2, 4, 8), default=None,
-                   help="which <tp>-gpu export to read when the folder holds several (shards are merged)")
+                   help="the <tp>-gpu export to read: launched by torchrun --nproc-per-node N, each of the N ranks "
+                        "serves its shard (NCCL on GPUs, gloo on the CPU); else the shards are merged on one device")
+    _add_tp_timeout(g)
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="dense vs sparse side by side: prefill latency, decode tokens/s, memory")
@@ -183,7 +186,27 @@ def _add_generate_bench(sub) -> None:
     b.add_argument("--no-cuda-graph", action="store_true")
     b.add_argument("--no-compile", action="store_true", help="run the decode step eagerly (no torch.compile)")
     b.add_argument("--out", type=Path, default=Path("results/bench"))
+    b.add_argument("--tp", type=int, choices=(1, 2, 4, 8), default=None,
+                   help="tensor-parallel ranks, one process each: launch with torchrun --nproc-per-node N")
+    _add_tp_timeout(b)
     b.set_defaults(func=cmd_bench)
+
+
+def _add_tp_timeout(p) -> None:
+    p.add_argument("--tp-timeout", type=at.float_in(0.0, low_open=True), default=DEFAULT_TIMEOUT_S, metavar="S",
+                   help="with --tp under torchrun: seconds a rank waits for the others (joining, every collective) "
+                        "before it stops with an error")
+
+
+def _rank_logging(tp) -> None:
+    """Under tensor parallelism every log line names its rank, and only rank 0 logs below warnings."""
+    if tp is None:
+        return
+    root = logging.getLogger()
+    for h in root.handlers:
+        h.setFormatter(logging.Formatter(f"%(levelname)s rank {tp.rank} %(name)s: %(message)s"))
+    if tp.rank != 0:
+        root.setLevel(max(root.level, logging.WARNING))
 
 
 def _ft_folder(model: Path) -> Path:
@@ -207,32 +230,59 @@ def _tokenizer_folder(folder: Path, given: Path) -> Path:
 
 
 def cmd_generate(args) -> None:
+    from esparse.python_api import distributed
+
+    with distributed.session(args.tp, args.device, args.tp_timeout) as tp:  # None unless torchrun started ranks
+        _rank_logging(tp)
+        _generate(args, tp)
+
+
+def _generate(args, tp) -> None:
     import torch
 
     from esparse.converter.model_io import load_tokenizer
-    from esparse.python_api import load_decoder
+    from esparse.python_api import distributed, load_decoder
     from esparse.python_api.generate import generate
 
-    dev = resolve_device(args.device)
+    dev = tp.device if tp else resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
-    folder = _ft_folder(args.model)
-    tok = load_tokenizer(_tokenizer_folder(folder, args.model))
-    model = load_decoder(folder, device=str(dev), dtype=dtype, sparse=args.sparse, tp=args.tp)
+
+    def load():
+        folder = _ft_folder(args.model)
+        tok = load_tokenizer(_tokenizer_folder(folder, args.model))
+        if tp:
+            return tok, distributed.load_shard(folder, tp, dtype, sparse=args.sparse)
+        return tok, load_decoder(folder, device=str(dev), dtype=dtype, sparse=args.sparse, tp=args.tp)
+
+    tok, model = tp.agree(load, "loading") if tp else load()  # one rank's bad shard stops every rank
     if args.compile and dev.type == "cuda":
         model.compile_decode()
     prompts = [tok(p).input_ids for p in args.prompt]
     outs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p,
                     eos_id=tok.eos_token_id, seed=args.seed,
                     cuda_graph=args.cuda_graph)
+    if tp and tp.rank != 0:  # every rank computed the same tokens; rank 0 prints them
+        return
     for p, o in zip(args.prompt, outs):
         print(p + tok.decode(o, skip_special_tokens=True))
         print("-" * 40)
 
 
 def cmd_bench(args) -> None:
+    from esparse.python_api import distributed
     from esparse.python_api.bench import run_bench
 
-    run_bench(args)
+    with distributed.session(args.tp, "auto", args.tp_timeout) as tp:
+        if tp is None:
+            if (args.tp or 1) > 1:
+                raise EsparseError(f"bench --tp {args.tp} runs one process per rank: launch it with "
+                                   f"torchrun --nproc-per-node {args.tp}")
+            run_bench(args)
+            return
+        _rank_logging(tp)
+        report = distributed.run_bench(args, tp)
+        if report is not None:
+            print(report)
 
 
 def _add_plugin(sub) -> None:

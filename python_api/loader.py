@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 
 
 class WeightSource(Protocol):
-    """What the loader reads: an exported folder (FTFolder) or a benchmark's random weights."""
+    """What the loader reads: an exported folder (FTFolder) or a benchmark's random weights. A source may also
+    have ``prepare_model(model)``, called on the declared (meta) model before any weight goes in: a
+    tensor-parallel rank's source (python_api/distributed.py) swaps in its vocabulary-split head and the
+    all-reduces there, so every builder (generate, bench, serve) gets the same sharded model."""
 
     cfg: FTConfig
 
@@ -90,6 +93,9 @@ def build_decoder(src: WeightSource, device: torch.device | str, dtype: torch.dt
     cfg = src.cfg
     with torch.device("meta"):
         model = Transformer(cfg)
+    prepare = getattr(src, "prepare_model", None)
+    if prepare is not None:
+        prepare(model)
     missing = model.load_state_dict(model_state(cfg, src.model_tensors(), device, dtype), strict=False,
                                     assign=True).missing_keys
     outside = sorted(k for k in missing if not k.startswith("layers."))
