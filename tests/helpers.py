@@ -3,6 +3,7 @@ weights come from fixed integers, for tests that pin bytes."""
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import torch
@@ -74,17 +75,21 @@ def save_model(arch: str, path: Path, seed: int = 0, dtype=torch.float32, **kw) 
     return path
 
 
-def integer_weights_(model, salt: int = 0):
-    """Set every parameter of ``model`` from fixed integers: entry i of the t-th parameter is
-    ((i * 7919 + t * 104729 + salt) mod 251 - 125) / 64, exact in fp32, fp16 and bf16 alike.
+def integer_weights_(model):
+    """Set every parameter of ``model`` from fixed integers: entry i of the parameter named ``name`` is
+    ((i * 7919 + crc32(name)) mod 251 - 125) / 64, exact in fp32, fp16 and bf16 alike.
 
     Why: a random init goes through the CPU's vectorised kernels (randn, exp), whose last bits depend on the
     instruction set torch picks (AVX-512, AVX2 or none, ATEN_CPU_CAPABILITY); bytes pinned from such weights
-    hold only on CPUs like the one that made the pins. Integer arithmetic and a power-of-two scale do not."""
+    hold only on CPUs like the one that made the pins. Integer arithmetic and a power-of-two scale do not, and
+    keying on the checkpoint names (not on the order modules are declared in) keeps the values when a
+    transformers release reorders its modules. Tied parameters take the value of their last name in sorted order."""
+    params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
-        for t, (_, p) in enumerate(model.named_parameters()):
+        for name in sorted(params):
+            p = params[name]
             idx = torch.arange(p.numel(), dtype=torch.int64)
-            ints = (idx * 7919 + t * 104729 + salt) % 251 - 125
+            ints = (idx * 7919 + zlib.crc32(name.encode())) % 251 - 125
             p.copy_((ints.to(torch.float64) / 64).view(p.shape).to(p.dtype))
     return model
 

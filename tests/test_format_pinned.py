@@ -17,10 +17,10 @@ from esparse.cli import main
 from helpers import save_integer_model
 
 PINNED = {
-    ("llama", "dense"): "1ca2799883d49ebf122cd7384b42c1f4224af378613346c90324f20ecc13563e",
-    ("llama", "magnitude"): "00f4843abff303e8056e2c013a2fbce3f12899dcec1c973e99d6abe4354b67de",
-    ("opt", "dense"): "d271554589af6d919e3e2b83761f809f81d4adb3ac9c8d73fb2d959b38612a28",
-    ("opt", "magnitude"): "bff2abe06dce8540b390f239a9fcb4ac813df6f3b0ac41798f90913e22083851",
+    ("llama", "dense"): "237cb8ae2ebffb5d9106d2f4e407c2b77a39bed511e6898071e6192c874bee3a",
+    ("llama", "magnitude"): "bd261d40abc565724653eda812f2623bc7f08229331e16a638a996429f50be5b",
+    ("opt", "dense"): "9c59bc3e06d622c6adadb5bf211bf32dfa636ef392a47da9e20fdcb395079771",
+    ("opt", "magnitude"): "2a4aa82591b9caa63b69029abc27a4c4b69610dd51dcbdcd502629b41b986d61",
 }
 
 
