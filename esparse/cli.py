@@ -23,6 +23,7 @@ from esparse.converter.fsutil import install_signal_handlers
 from esparse.converter.text import EVAL_JOINS
 from esparse.devices import DTYPES, parse_dtype, resolve_device, set_threads
 from esparse.errors import EsparseError
+from esparse.format.pruned import META_FILE
 from esparse.python_api.bench import SHAPES
 
 if TYPE_CHECKING:
@@ -45,9 +46,9 @@ def _add_prune(sub) -> None:
                    help="sparsegpt updates the kept weights (the reference); the others only mask")
     p.add_argument("--pattern", default="2:4", help="keep N of every M weights (2:4, 4:8, N:M)")
     p.add_argument("--nsamples", type=at.int_at_least(1), default=128, metavar="N",
-                   help="calibration windows (the papers' protocol; on a CPU 16 is minutes, as esparse demo)")
+                   help="calibration windows; 128 is the papers' protocol (on a CPU try 16, as esparse demo does)")
     p.add_argument("--seqlen", type=at.int_at_least(2), default=2048, metavar="T",
-                   help="tokens per calibration window, clipped to the model's positions (CPU: try 512)")
+                   help="tokens per calibration window, clipped to the model's positions (on a CPU try 512)")
     p.add_argument("--seed", type=at.int_at_least(0), default=0, help="seed of the calibration windows' draw")
     p.add_argument("--device", type=at.device, default="auto",
                    help="cuda, cuda:N, cpu, or auto (the GPU when torch sees one)")
@@ -125,7 +126,7 @@ def _stopped_line(command: str, signum: int, out: Path, started: float) -> str:
         name = signal.Signals(signum).name
     except ValueError:
         name = f"signal {signum}"
-    meta = Path(out) / "esparse.json"
+    meta = Path(out) / META_FILE
     if meta.is_file() and meta.stat().st_mtime >= started:
         return f"esparse: {command} stopped by {name} after {out} was written complete"
     was = "its previous contents are untouched" if Path(out).exists() else "nothing was written"

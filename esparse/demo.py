@@ -95,7 +95,8 @@ def run_demo(args) -> None:
         rows.append((name, perplexity(model, windows, dev, desc=name), seconds.get(name)))
         del model
     wanda = rows[1][1]
-    print(f"\n  {MODEL} (Q4_1, dequantized), {windows.shape[0]} windows x {seqlen} tokens, calibration {nsamples} x {seqlen} C4")
+    print(f"\n  {MODEL} (Q4_1, dequantized), {windows.shape[0]} windows x {seqlen} tokens, "
+          f"calibration {nsamples} x {seqlen} C4")
     print(f"  {'model':<14} {'perplexity':>10} {'vs Wanda':>9} {'prune s':>8}")
     for name, ppl, sec in rows:
         print(f"  {name:<14} {ppl:>10.2f} {ppl / wanda:>8.2f}x {'' if sec is None else f'{sec:8.1f}'}")
