@@ -111,8 +111,9 @@ def prune_checkpoint(
     """Load, calibrate, prune and write ``out`` atomically. Returns the per-layer report. ``calib_path`` may be
     None only for a method that needs no calibration (magnitude without refinement)."""
     if calib_path is None and cfg.needs_calibration:
-        raise EsparseError(f"--method {cfg.metric.method} chooses its masks from calibration activations: give "
-                           "--calib TEXT (plain text, <doc>-tagged text or JSON lines with a \"text\" field)")
+        flags = f"--method {cfg.metric.method}" + (f" --refine {cfg.refine}" if cfg.refine else "")
+        raise EsparseError(f"{flags} chooses its masks from calibration activations: give --calib TEXT (plain "
+                           "text, <doc>-tagged text or JSON lines with a \"text\" field)")
     # a --calib the method does not read is still an input that --overwrite must never destroy
     check_output_location(Path(out), [Path(model_path)] + ([Path(calib_path)] if calib_path is not None else []))
     if calib_path is not None and not cfg.needs_calibration:
