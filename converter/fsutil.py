@@ -90,6 +90,9 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the finished folder gets normal permissions
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # some writers (safetensors) make files 0600: give them the umask's modes too
+            if f.is_file() and not f.is_symlink():
+                f.chmod(0o666 & ~umask)
     except BaseException:
         with _signals_deferred():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -168,5 +168,5 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
             raise EsparseError(f"internal error: export did not write {sorted(missing)[:3]}")
         write_checksums(folder, list(expected_files(cfg)))
     rep = ExportReport(Path(out), dense_lin, written_lin, dense_lin + other, written_lin + other)
-    log.info("%s", rep.summary())
+    log.debug("%s", rep.summary())  # debug: the callers (esparse export, the demo) print the summary once
     return rep

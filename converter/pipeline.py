@@ -2,7 +2,10 @@
 
 The output folder is an ordinary HF folder (weights in the original channel order, so transformers serves
 exactly the pruned function) with two additions the exporter reads: ``esparse.json`` (method, pattern,
-calibration, per-layer sparsity) and ``esparse_perms.safetensors`` ("layers.{i}.{group}" -> int32 P).
+calibration, per-layer sparsity, and whether the stored order is N:M) and ``esparse_perms.safetensors``
+("layers.{i}.{group}" -> int32 P). After channel shuffles the stored weights are N:M only once each group's
+permutation is applied (W[:, P]); ``esparse.json``'s "channel_order" says so in the folder itself, because a
+user who loads it elsewhere would otherwise get no N:M speedup without knowing why (docs/format.md).
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ from esparse.format.pruned import META_FILE, PERMS_FILE, PRUNED_FORMAT_VERSION
 
 from .arch import decoder_base, get_linear, groups_of
 from .fsutil import atomic_output_dir, check_output_dir, check_output_location
+from .masks import is_nm_sparse
 from .model_io import check_model_path, is_gguf, load_model, load_tokenizer, save_hf_folder
 from .prune import PruneConfig, PruneResult, prune_model, summary_table
 from .text import calibration_windows, read_documents
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -77,34 +80,74 @@ def check_pattern_before_loading(model_path: Path, m: int) -> None:
             raise EsparseError(f"the model's {what} {k} is not divisible by M={m}: choose another pattern")
 
 
+def channel_order_note(model, cfg: PruneConfig, shuffled: bool) -> dict:
+    """esparse.json's "channel_order": whether every pruned linear is N:M along its input dim as stored, and if
+    not, what a runtime must apply first. Checked on the weights, not assumed from the method."""
+    layers = decoder_base(model).layers
+    as_stored = all(is_nm_sparse(get_linear(layer, path).weight, cfg.n, cfg.m)
+                    for layer in layers for g in groups_of(model) for path in g.linears)
+    groups = ", ".join(f"{g.name} = {'/'.join(p.split('.')[-1] for p in g.linears)}" for g in groups_of(model))
+    if as_stored:
+        how = (f"the weights are {cfg.n}:{cfg.m} along the input dim exactly as stored: an N:M runtime can use "
+               "them as they are")
+    else:
+        how = (f"the weights are stored in the original channel order and are {cfg.n}:{cfg.m} only after the "
+               f"input channels of every linear of a group are gathered by that group's permutation: W[:, P] with "
+               f"P = {PERMS_FILE}['layers.<i>.<group>'] (groups: {groups}). A runtime loading this folder as it "
+               f"is computes the pruned model exactly but sees no {cfg.n}:{cfg.m} pattern (no sparse speedup). "
+               "esparse export writes the permuted order (docs/format.md)")
+    return {"nm_in_stored_order": as_stored, "shuffled": shuffled, "how": how}
+
+
 def prune_checkpoint(
     model_path: Path,
-    calib_path: Path,
+    calib_path: Path | None,
     out: Path,
     cfg: PruneConfig,
     calib: CalibConfig = CalibConfig(),
     device: str | None = None,
     overwrite: bool = False,
 ) -> PruneResult:
-    """Load, calibrate, prune and write ``out`` atomically. Returns the per-layer report."""
-    check_output_location(Path(out), [Path(model_path), Path(calib_path)])
+    """Load, calibrate, prune and write ``out`` atomically. Returns the per-layer report. ``calib_path`` may be
+    None only for a method that needs no calibration (magnitude without refinement)."""
+    if calib_path is None and cfg.needs_calibration:
+        flags = f"--method {cfg.metric.method}" + (f" --refine {cfg.refine}" if cfg.refine else "")
+        raise EsparseError(f"{flags} chooses its masks from calibration activations: give --calib TEXT (plain "
+                           "text, <doc>-tagged text or JSON lines with a \"text\" field)")
+    # a --calib the method does not read is still an input that --overwrite must never destroy
+    check_output_location(Path(out), [Path(model_path)] + ([Path(calib_path)] if calib_path is not None else []))
+    if calib_path is not None and not cfg.needs_calibration:
+        log.info("--method %s chooses masks from |W| alone: %s is not read", cfg.metric.method, calib_path)
+        calib_path = None
     check_output_dir(Path(out), overwrite)
     check_model_path(Path(model_path))
     check_pattern_before_loading(Path(model_path), cfg.m)
     dev = resolve_device(device)
-    docs = read_documents(calib_path)
+    docs = read_documents(calib_path) if calib_path is not None else None
     tokenizer = load_tokenizer(model_path)
     # on the CPU compute in fp32 (half matmuls are slow there); weights are saved in the source dtype
     model = load_model(model_path, dtype=torch.float32 if dev.type == "cpu" else None)
     from_gguf = is_gguf(Path(model_path))
     save_dtype = torch.float16 if from_gguf else source_dtype(Path(model_path))
     check_divisibility(model, cfg.m)
-    max_pos = getattr(model.config, "max_position_embeddings", calib.seqlen)
-    seqlen = min(calib.seqlen, max_pos)
-    if seqlen < calib.seqlen:
-        log.info("seqlen %d clipped to the model's %d positions", calib.seqlen, max_pos)
-    windows = calibration_windows(tokenizer, docs, calib.nsamples, seqlen, calib.seed)
-    log.info("calibration: %d windows x %d tokens from %s", windows.shape[0], seqlen, calib_path)
+    windows, calibration = None, None
+    if docs is not None:
+        max_pos = getattr(model.config, "max_position_embeddings", calib.seqlen)
+        seqlen = min(calib.seqlen, max_pos)
+        if seqlen < calib.seqlen:
+            log.info("seqlen %d clipped to the model's %d positions", calib.seqlen, max_pos)
+        windows = calibration_windows(tokenizer, docs, calib.nsamples, seqlen, calib.seed)
+        log.info("calibration: %d windows x %d tokens from %s", windows.shape[0], seqlen, calib_path)
+        if dev.type == "cpu" and windows.numel() > 16 * 512:
+            log.info("on the CPU %d x %d calibration tokens take long (the demo uses --nsamples 16 --seqlen 512)",
+                     windows.shape[0], seqlen)
+        calibration = {
+            "file": str(calib_path),
+            "sha256": hashlib.sha256(Path(calib_path).read_bytes()).hexdigest(),
+            "nsamples": int(windows.shape[0]),
+            "seqlen": seqlen,
+            "seed": calib.seed,
+        }
     t0 = time.perf_counter()
     result = prune_model(model, windows, cfg, dev)
     elapsed = time.perf_counter() - t0
@@ -116,13 +159,8 @@ def prune_checkpoint(
         "pattern": f"{cfg.n}:{cfg.m}",
         "method": cfg.metric.method,
         "config": cfg.to_json(),
-        "calibration": {
-            "file": str(calib_path),
-            "sha256": hashlib.sha256(Path(calib_path).read_bytes()).hexdigest(),
-            "nsamples": int(windows.shape[0]),
-            "seqlen": seqlen,
-            "seed": calib.seed,
-        },
+        "calibration": calibration,  # None: the method read no text
+        "channel_order": channel_order_note(model, cfg, bool(result.perms)),
         "prune_seconds": elapsed,
         "stage_seconds": result.stage_seconds,
         "layers": result.layers,

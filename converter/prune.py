@@ -74,6 +74,13 @@ class PruneConfig:
     def shuffles(self) -> bool:
         return self.gns is not None or self.lbs
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the masks depend on calibration activations. Magnitude without --refine chooses from |W|
+        alone, so it needs no text and runs no forward pass (the forwards would only feed layers whose masks
+        do not look at them)."""
+        return self.metric.needs_stats or self.metric.updates_weights or self.refine > 0
+
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -213,17 +220,22 @@ def _sparsegpt_layer(layer, groups, batches, cfg: PruneConfig, report: dict) -> 
 
 @torch.no_grad()
 def prune_model(
-    model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, device: str | torch.device = "cpu"
+    model: nn.Module, calib: torch.Tensor | None, cfg: PruneConfig, device: str | torch.device = "cpu"
 ) -> PruneResult:
-    """Prune every decoder linear of ``model`` in place to cfg.n:cfg.m. ``calib`` is [n, seqlen] token ids."""
+    """Prune every decoder linear of ``model`` in place to cfg.n:cfg.m. ``calib`` is [n, seqlen] token ids,
+    or None when the method needs no calibration (``cfg.needs_calibration``: magnitude without refinement)."""
     device = torch.device(device)
     heads = head_shape(model.config)
     groups = groups_of(model)
     layers = decoder_base(model).layers
     seconds: dict[str, float] = defaultdict(float)
-    t0 = time.perf_counter()
-    batches = capture_layer0_inputs(model, calib, device, cfg.batch_size)
-    seconds["capture"] += time.perf_counter() - t0
+    batches = None
+    if cfg.needs_calibration:
+        if calib is None:
+            raise ValueError(f"method {cfg.metric.method} needs calibration token windows")
+        t0 = time.perf_counter()
+        batches = capture_layer0_inputs(model, calib, device, cfg.batch_size)
+        seconds["capture"] += time.perf_counter() - t0
     result = PruneResult({}, [], seconds)
     bar = tqdm(range(len(layers)), desc="prune", unit="layer")
     for i in bar:
@@ -253,10 +265,11 @@ def prune_model(
             factor = channel_factor(stats[g.name], cfg.metric) if cfg.metric.needs_stats else None
             scores = [importance(lin.weight, factor) for lin in lins]
             seconds["score"] += time.perf_counter() - t
-            bar.set_postfix_str(f"shuffle {g.name}")
+            bar.set_postfix_str(f"{'shuffle' if cfg.shuffles else 'mask'} {g.name}")  # Wanda etc. do not shuffle
             t = time.perf_counter()
             perm, frac = _group_perm(scores, g, heads, cfg)
-            seconds["shuffle"] += time.perf_counter() - t
+            if cfg.shuffles:
+                seconds["shuffle"] += time.perf_counter() - t
             t = time.perf_counter()
             if cfg.refine:  # the group's Gram matrix in serving order, shared by its linears
                 h = hess[g.name] if perm is None else hess[g.name][perm][:, perm]
@@ -274,11 +287,12 @@ def prune_model(
                 result.perms[f"layers.{i}.{g.name}"] = perm.to(torch.int32).cpu()
                 report["kept"][g.name] = frac
             seconds["mask"] += time.perf_counter() - t
-        bar.set_postfix_str("forward")
-        t = time.perf_counter()
-        new = _run_layer(layer, batches)
-        batches = [(h, kw) for h, (_, kw) in zip(new, batches, strict=False)]
-        seconds["forward"] += time.perf_counter() - t
+        if batches is not None:  # the pruned layer's outputs are the next layer's calibration inputs
+            bar.set_postfix_str("forward")
+            t = time.perf_counter()
+            new = _run_layer(layer, batches)
+            batches = [(h, kw) for h, (_, kw) in zip(new, batches, strict=False)]
+            seconds["forward"] += time.perf_counter() - t
         layers[i] = layer.to(home)
         result.layers.append(report)
     if device.type == "cuda":

@@ -6,6 +6,8 @@ longer than seqlen as Wanda does with C4: the offline samples we have (C4 and Wi
 exllamav3) hold few documents longer than 2048 tokens, and a boundary inside a window costs nothing.
 
 Perplexity (docs/method.md): documents joined with "\\n\\n", tokenised once, non-overlapping windows, tail dropped.
+``--eval-join rows`` (:func:`read_rows`) joins the file's rows as the Wanda/SparseGPT evaluation code joins the
+WikiText-2 test split's rows instead, so that numbers can be set beside published ones.
 """
 
 from __future__ import annotations
@@ -21,34 +23,51 @@ from esparse.errors import EsparseError
 _DOC_TAG = re.compile(r"<doc[^>]*>|</doc>")
 
 
-def read_documents(path: str | Path) -> list[str]:
-    """Documents of a text file: JSON lines with a "text" field, ``<doc>``-tagged text, or plain lines.
+EVAL_JOINS = ("documents", "rows")  # --eval-join: how an evaluation file becomes the one string that is tokenised
 
-    Plain text gives one document per non-empty line (the WikiText-2 raw rows, C4 samples); CRLF is
-    normalised to LF.
-    """
-    path = Path(path)
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text with universal newlines (CRLF and CR read as LF), or one clear error."""
     if not path.is_file():
         if path.is_dir():
             raise EsparseError(f"{path} is a folder: give one text file (plain text, <doc>-tagged or JSON lines)")
         raise EsparseError(f"text file {path} does not exist")
     try:
-        raw = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise EsparseError(f"cannot read {path} as UTF-8 text: {e}") from e
-    raw = raw.replace("\r\n", "\n")
-    if path.suffix in (".jsonl", ".json") or raw.lstrip().startswith("{"):
-        docs = []
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-                if not isinstance(text, str):
-                    raise TypeError(text)
-                docs.append(text)
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise EsparseError(f"{path}:{i} is not a JSON object with a string \"text\" field") from e
+
+
+def _is_json_lines(path: Path, raw: str) -> bool:
+    return path.suffix in (".jsonl", ".json") or raw.lstrip().startswith("{")
+
+
+def _json_texts(path: Path, raw: str) -> list[str]:
+    """The "text" field of every JSON line, as it is (empty strings included); blank lines are skipped."""
+    texts = []
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+            if not isinstance(text, str):
+                raise TypeError(text)
+            texts.append(text)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise EsparseError(f"{path}:{i} is not a JSON object with a string \"text\" field") from e
+    return texts
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """Documents of a text file: JSON lines with a "text" field, ``<doc>``-tagged text, or plain lines.
+
+    Plain text gives one document per non-empty line (the WikiText-2 raw rows, C4 samples), without its line
+    ending; CRLF is normalised to LF.
+    """
+    path = Path(path)
+    raw = _read_text(path).replace("\r\n", "\n")
+    if _is_json_lines(path, raw):
+        docs = _json_texts(path, raw)
     elif "<doc" in raw:
         docs = [d.strip() for d in re.split(r"<doc[^>]*>", raw)]
         docs = [_DOC_TAG.sub("", d).strip() for d in docs]
@@ -58,6 +77,35 @@ def read_documents(path: str | Path) -> list[str]:
     if not docs:
         raise EsparseError(f"text file {path} is empty")
     return docs
+
+
+def read_rows(path: str | Path) -> list[str]:
+    """The file as a dataset's rows, for ``--eval-join rows``: "\\n\\n".join(rows) is then the string that the
+    Wanda and SparseGPT evaluation code builds from the WikiText-2 test split.
+
+    Plain text: one row per line, its newline kept, a blank (whitespace-only) line as an empty row, which is
+    how the datasets library's WikiText builder turns wiki.test.raw into rows. JSON lines: each "text" as it
+    is, empty rows included (a JSON-lines export of the split's rows gives the published string exactly).
+    """
+    path = Path(path)
+    raw = _read_text(path)
+    if _is_json_lines(path, raw):
+        rows = _json_texts(path, raw)
+    else:
+        lines = raw.split("\n")
+        rows = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+        rows = [r if r.strip() else "" for r in rows]
+    if not any(r.strip() for r in rows):
+        raise EsparseError(f"text file {path} is empty")
+    return rows
+
+
+def read_eval_text(path: str | Path, join: str = "documents") -> list[str]:
+    """What :func:`eval_windows` joins with "\\n\\n": the documents (``documents``: non-empty lines without
+    their newline, as esparse's own tables use) or the rows (``rows``: the Wanda/SparseGPT WikiText-2 string)."""
+    if join not in EVAL_JOINS:
+        raise EsparseError(f"--eval-join {join}: use one of {', '.join(EVAL_JOINS)}")
+    return read_rows(path) if join == "rows" else read_documents(path)
 
 
 def tokenize_stream(tokenizer, docs: list[str]) -> torch.Tensor:

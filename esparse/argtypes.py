@@ -61,6 +61,25 @@ def prompt(text: str) -> str:
     return text
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """``--help`` that shows each option's default, as "(default: X)", where there is one to show: a default of
+    None or False (flags; "the method's preset") is left to the help text, which says what it means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or not action.option_strings or action.default is None \
+                or action.default is False or action.default == argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+def add_threads(parser: argparse.ArgumentParser) -> None:
+    """``--threads N`` (esparse.devices.set_threads), shared by the commands that compute on the CPU."""
+    parser.add_argument("--threads", type=int_at_least(1), default=None, metavar="N",
+                        help="CPU threads torch may use (default: torch's choice, one per core); on a machine "
+                             "shared with other jobs fewer, even 1, is often faster")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse with its usage errors as one ``esparse: error:`` line, exit code 2."""
 

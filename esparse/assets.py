@@ -114,7 +114,7 @@ def real_assets(cache: str | Path | None = None) -> RealAssets:
 
 
 def smollm2_hf_dir(cache: str | Path | None = None) -> Path:
-    """SmolLM2-135M as a fp16 HF folder (converted from the GGUF once, then cached)."""
+    """SmolLM2-135M-Instruct as a fp16 HF folder (the Q4_1 GGUF dequantized once, then cached)."""
     from esparse.converter.gguf_io import convert_gguf
 
     assets = real_assets(cache)

