@@ -111,8 +111,9 @@ def build_decoder(src: WeightSource, device: torch.device | str, dtype: torch.dt
 
 
 def default_backend(device: torch.device, sparse: bool) -> str:
-    """sparse: our 2:4 kernel (Triton), else cuSPARSELt through the plugin; dense: torch's F.linear (cuBLAS,
-    which the compiled step fuses around; measured the stronger dense in docs/gpu_path.md)."""
+    """dense: torch's F.linear (cuBLAS; what the compiled step fuses around). sparse: cuSPARSELt through the
+    plugin where it is built (the path measured on the GPU so far), else our 2:4 decode kernel (Triton); the
+    kernel becomes the default once its GPU measurements land (docs/gpu_path.md)."""
     if device.type != "cuda":
         if sparse:
             raise EsparseError("the sparse path needs a CUDA GPU; use --dense on the CPU")
@@ -121,13 +122,13 @@ def default_backend(device: torch.device, sparse: bool) -> str:
         return "torch"
     from esparse.ft_plugin import build_info, nm24
 
+    info = build_info()
+    if info.built:
+        return "cusparselt"
     if nm24.available():
         return "sparse"
-    info = build_info()
-    if not info.built:
-        raise EsparseError(f"the sparse path needs Triton (a CUDA build of torch) or the compiled ft_plugin "
-                           f"({info.reason}); use --dense")
-    return "cusparselt"
+    raise EsparseError(f"the sparse path needs the compiled ft_plugin ({info.reason}) or Triton (a CUDA build of "
+                       "torch); use --dense")
 
 
 def load_decoder(path: str | Path, device: str = "cuda", dtype: torch.dtype = torch.float16, sparse: bool = False,
