@@ -214,7 +214,7 @@ def _add_generate_bench(sub) -> None:
     g.add_argument("--prompt", type=at.prompt, action="append", required=True, help="prompt text (repeat for a batch)")
     path = g.add_mutually_exclusive_group()
     path.add_argument("--sparse", action="store_true",
-                      help="2:4 linears on the decode kernel (GPU; cuSPARSELt where Triton is missing)")
+                      help="2:4 linears (GPU): cuSPARSELt through the plugin, else our Triton decode kernel")
     path.add_argument("--dense", action="store_true", help="dense linears (default)")
     g.add_argument("--max-new-tokens", type=at.int_at_least(1), default=64)
     g.add_argument("--temperature", type=at.float_in(0.0), default=0.0, help="0 = greedy")
