@@ -195,6 +195,58 @@ def test_engine_rows_are_independent_as_sequences_come_and_go(arch, tmp_path):
     assert sampled(0) == sampled(3)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_batch_buckets_give_the_served_alone_tokens(tiny, device):
+    """Decode steps run per batch bucket over rows 0..bucket-1 of one shared cache (on a GPU: the compiled step
+    replayed from per-bucket CUDA graphs; on the CPU the same bucket steps run eagerly, which checks the bucket
+    choice and the dummy rows): 12 sequences through 4 rows, buckets 4, 2 and 1 all used as rows come and go,
+    each get the greedy tokens of generate() alone, eager (fp32: only fusion-level rounding may differ, and the
+    steps are not near ties)."""
+    ft, _, _ = tiny
+    model = load_decoder(ft, device=device, dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 300, (int(torch.randint(2, 30, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(12)]
+    lens = [40, 20, 3, 5, 2, 4, 3, 6, 2, 3, 4, 3]  # rows 0 and 1 outlive the others: buckets 4, then 2, then 1
+    want = [generate(model, [p], n)[0] for p, n in zip(prompts, lens)]
+    engine = Engine(model, EngineConfig(max_batch=4, max_len=128))
+    if device == "cpu":
+        engine._buckets = batch_buckets(4)
+        engine._graphs = {b: _EagerStep(model, engine.cache.rows(0, b)) for b in engine._buckets}
+    assert sorted(engine._graphs) == [1, 2, 4]
+    used, got = set(), {}
+    engine._graphs = {b: _Recorder(step, b, used) for b, step in engine._graphs.items()}
+    for i, (p, n) in enumerate(zip(prompts, lens)):
+        engine.submit(p, SamplingParams(max_tokens=n), lambda ev, i=i: got.setdefault(i, []).append(ev.token))
+    for _ in range(500):
+        if not any(engine.scheduler.counts()):
+            break
+        engine.iteration()
+    assert used == {1, 2, 4} and engine.scheduler.slots.in_use == 0
+    assert [got[i] for i in range(12)] == want
+
+
+class _EagerStep:
+    """What a captured GraphDecodeStep computes, run eagerly: one decode step over a fixed rows() view."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+
+    def __call__(self, ids, start):
+        return self.model(ids, self.cache, start)
+
+
+class _Recorder:
+    """A bucket's step that notes that it ran."""
+
+    def __init__(self, fn, bucket: int, used: set):
+        self.fn, self.bucket, self.used = fn, bucket, used
+
+    def __call__(self, ids, start):
+        self.used.add(self.bucket)
+        return self.fn(ids, start)
+
+
 # ---- the server -------------------------------------------------------------------------------------------------
 def test_openai_client_completions_chat_and_streaming(tiny):
     _, model, codec = tiny

@@ -122,7 +122,7 @@ class Engine:
         given = self.config.graph_buckets
         self._buckets = sorted({b for b in given if b < mb} | {mb}) if given else batch_buckets(mb)
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.no_grad():
             for b in self._buckets:
                 self._graphs[b] = GraphDecodeStep(self.model, self.cache.rows(0, b))
         log.info("captured decode graphs for batch buckets %s in %.1f s", self._buckets, time.perf_counter() - t0)
@@ -182,7 +182,7 @@ class Engine:
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     def _run(self) -> None:
-        with torch.inference_mode():  # grad mode is per thread
+        with torch.no_grad():  # grad mode is per thread (no_grad, as generate() runs the same graphs)
             while True:
                 sch = self.scheduler
                 sch.wait_for_work(lambda: self._stopping, timeout=1.0)
@@ -196,6 +196,7 @@ class Engine:
                     self._fail_all("internal error in the engine")
             self._fail_all("the server is shutting down")
 
+    @torch.no_grad()
     def iteration(self) -> None:
         """One pass of the loop (public so that tests can step the engine without its thread)."""
         events: list[tuple[Sequence, Event]] = []
