@@ -255,6 +255,12 @@ def report(out: Path) -> str:
     if not runs:
         raise SystemExit(f"no serve_<mode>.json in {out}")
     first = next(iter(runs.values()))
+    same = ("model", "layers", "input_len", "output_len", "max_batch", "max_len", "num_prompts", "server_args", "seed")
+    for mode, run in runs.items():
+        diff = [k for k in same if run["meta"].get(k) != first["meta"].get(k)]
+        if diff or len(run["points"]) != len(first["points"]):
+            raise SystemExit(f"serve_{mode}.json was run with other settings ({', '.join(diff) or 'load points'}): "
+                             "rerun both modes with the same flags")
     labels = [point_label(float(p["rate"]), p["concurrency"]) for p in first["points"]]
     cols = [("output tok/s", "output_tok_per_s"), ("req/s", "requests_per_s"), ("TTFT p50", "ttft_p50_ms"),
             ("TTFT p99", "ttft_p99_ms"), ("TPOT p50", "tpot_p50_ms"), ("TPOT p99", "tpot_p99_ms"),

@@ -212,9 +212,9 @@ class Engine:
             t0 = time.perf_counter()
             self._decode(events)
             step_s = time.perf_counter() - t0
+        self._report(step_s, rows)  # first: a client that has its last token sees its row free in /metrics
         if events:
             self.on_events(events)
-        self._report(step_s, rows)
 
     def _prefill(self, seqs: list[Sequence], events: list) -> None:
         firsts: list[tuple[Sequence, torch.Tensor]] = []
@@ -314,9 +314,9 @@ class Engine:
         for seq in left:
             if not seq.finished:
                 self._fail(seq, message, events)
+        self._report()
         if events:
             self.on_events(events)
-        self._report()
 
     def _report(self, step_s: float | None = None, rows: int = 0) -> None:
         if self.observer is not None:
