@@ -99,6 +99,9 @@ class Engine:
         self._last = [0] * config.max_batch  # per row: the token to feed at the next decode step
         self._pos = [0] * config.max_batch  # per row: its slot (position) for that token
         self._graphs: dict[int, GraphDecodeStep] = {}
+        self._host = None  # GPU: a pinned buffer the new tokens are copied into, and the event that says they are in
+        if self.device.type == "cuda":
+            self._host = (torch.empty(config.max_batch, dtype=torch.long, pin_memory=True), torch.cuda.Event())
         self._buckets: list[int] = []
         self._rng = random.Random()
         self._stopping = False
@@ -182,6 +185,8 @@ class Engine:
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # a new thread starts on the default GPU
         with torch.no_grad():  # grad mode is per thread (no_grad, as generate() runs the same graphs)
             while True:
                 sch = self.scheduler
@@ -231,7 +236,7 @@ class Engine:
                 self._fail(seq, f"prefill failed: {type(e).__name__}", events)
         if not firsts:
             return
-        tokens = torch.cat([t for _, t in firsts]).tolist()  # one device sync for all of them
+        tokens = self._to_host(torch.cat([t for _, t in firsts]))  # one device sync for all of them
         for (seq, _), tok in zip(firsts, tokens):
             self._pos[seq.slot] = len(seq.prompt)
             self._accept(seq, tok, events)
@@ -258,7 +263,7 @@ class Engine:
                 tokens = tokens.clone()
                 for seq in sampled:
                     tokens[seq.slot] = self._sample_one(seq, logits[seq.slot: seq.slot + 1])[0]
-            host = tokens.tolist()
+            host = self._to_host(tokens)
         except Exception as e:
             log.exception("decode step at batch %d failed", b)
             for seq in running:
@@ -268,6 +273,18 @@ class Engine:
         for seq in running:
             self._pos[seq.slot] += 1
             self._accept(seq, host[seq.slot], events)
+
+    def _to_host(self, tokens: torch.Tensor) -> list[int]:
+        """The tokens as a list. On a GPU the wait for them is an event's synchronize, which lets go of the GIL
+        (the HTTP threads stream the previous step's tokens meanwhile), then a copy out of pinned memory."""
+        if self._host is None:
+            return tokens.tolist()
+        buf, ready = self._host
+        out = buf[: tokens.numel()]
+        out.copy_(tokens, non_blocking=True)
+        ready.record()
+        ready.synchronize()
+        return out.tolist()
 
     def _accept(self, seq: Sequence, tok: int, events: list) -> None:
         """A new token for ``seq``: record, decide whether it ends the sequence, queue its event."""
