@@ -31,7 +31,7 @@ from esparse.python_api import load_decoder
 from esparse.python_api.generate import generate
 from esparse.python_api.serve.engine import Engine, EngineConfig, SamplingParams, batch_buckets
 from esparse.python_api.serve.metrics import ServeMetrics
-from esparse.python_api.serve.scheduler import SlotPool
+from esparse.python_api.serve.scheduler import QueueFull, Scheduler, Sequence, SlotPool
 from esparse.python_api.serve.server import ServerThread, create_app
 from esparse.python_api.serve.text import Detokenizer, StopMatcher, TextCodec
 
@@ -154,6 +154,19 @@ def test_slots_lowest_free_and_buckets():
     assert pool.high_water() == 2 and pool.in_use == 2
     assert batch_buckets(1) == [1] and batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
     assert batch_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+
+
+def test_admission_keeps_the_prefill_budget_and_the_queue_bound():
+    sch = Scheduler(max_batch=2, max_queue=1, prefill_budget=10)
+    seqs = [Sequence([1] * n, SamplingParams(4), lambda ev: None) for n in (12, 8, 3, 5)]
+    for s in seqs[:3]:  # two fit the free rows, the third is the one allowed to wait beyond them
+        sch.submit(s)
+    with pytest.raises(QueueFull):
+        sch.submit(seqs[3])
+    assert sch.admit() == [seqs[0]]  # 12 tokens, over the budget, but one is always admitted
+    assert sch.admit() == [seqs[1]] and sch.admit() == []  # no free row for the third
+    sch.release(seqs[0])
+    assert sch.admit() == [seqs[2]] and seqs[2].slot == 0 and sch.counts() == (0, 2, 2)
 
 
 @pytest.mark.parametrize("arch", ["opt"])

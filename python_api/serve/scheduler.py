@@ -114,8 +114,10 @@ class Scheduler:
         self.peak_running = 0  # the largest running batch seen (tests check that batching happened)
 
     def submit(self, seq: Sequence) -> None:
+        """Queue ``seq``; QueueFull when ``max_queue`` requests already wait beyond the free rows (those about to
+        get a row at the next iteration do not count, so ``max_queue`` 0 still serves up to the free rows)."""
         with self.lock:
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) - self.slots.free >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting for a slot")
             self.waiting.append(seq)
             self.lock.notify()
