@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -590,5 +591,10 @@ def test_serve_cli_refuses_bad_arguments(tiny, capsys):
     assert main(["serve", str(ft), "--device", "cpu", "--max-len", "4096", "--port", "0"]) == 2
     assert "exceeds the model's 128 positions" in capsys.readouterr().err
     assert main(["serve", "--device", "cpu"]) == 2
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", str(ft), "--device", "cpu", "--port", str(busy.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["serve", str(ft), "--max-batch", "0"])

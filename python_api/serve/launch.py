@@ -77,25 +77,32 @@ def serve(model: Transformer, codec: TextCodec, name: str, config: EngineConfig,
     from .metrics import ServeMetrics
     from .server import bind_socket, create_app
 
-    sock = bind_socket(opts.host, opts.port)  # before the long work: a busy port fails at once
-    metrics = ServeMetrics(config.max_batch)
-    engine = make_engine(model, codec, config, metrics)
-    drain = opts.request_timeout + 5
-    app = create_app(engine, codec, opts.name or name, metrics, opts.request_timeout, drain_timeout=drain)
-    host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
-                                           timeout_graceful_shutdown=int(drain) + 1))
-    log.info("serving %s on http://%s:%d (max batch %d, context %d, %s linears on %s)", opts.name or name,
-             host if ":" not in host else f"[{host}]", port, config.max_batch, config.max_len, model.backend,
-             model.device)
-    main = threading.current_thread() is threading.main_thread()
-    # uvicorn takes SIGINT/SIGTERM while it runs and, after its drain, raises the signal again for the handler it
-    # found: a handler that only logs makes the drained server a normal exit, not a second interruption
-    def stop(signum: int, _frame) -> None:  # also covers a signal just before uvicorn takes over
-        server.should_exit = True
-
-    before = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
+        sock = bind_socket(opts.host, opts.port)  # before the long work: a busy port fails at once
+    except OSError as e:
+        raise EsparseError(f"cannot listen on {opts.host}:{opts.port} ({e.strerror or e}): choose another --port "
+                           "or --host") from None
+    before: dict = {}
+    try:
+        metrics = ServeMetrics(config.max_batch)
+        engine = make_engine(model, codec, config, metrics)
+        drain = opts.request_timeout + 5
+        app = create_app(engine, codec, opts.name or name, metrics, opts.request_timeout, drain_timeout=drain)
+        host, port = sock.getsockname()[:2]
+        server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
+                                               timeout_graceful_shutdown=int(drain) + 1))
+        log.info("serving %s on http://%s:%d (max batch %d, context %d, %s linears on %s)", opts.name or name,
+                 host if ":" not in host else f"[{host}]", port, config.max_batch, config.max_len, model.backend,
+                 model.device)
+
+        # uvicorn takes SIGINT/SIGTERM while it runs and, after its drain, raises the signal again for the handler
+        # it found: this one (it also covers a signal just before uvicorn takes over) makes the drained server a
+        # normal return, not a second interruption
+        def stop(signum: int, _frame) -> None:
+            server.should_exit = True
+
+        if threading.current_thread() is threading.main_thread():
+            before = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
         server.run(sockets=[sock])
     finally:
         for s, h in before.items():
