@@ -1,5 +1,5 @@
-"""The ``esparse`` command line, every subcommand: prune, ppl, convert-gguf, export, generate, bench, tune, env,
-install-cusparselt, demo. Each command function is thin: it parses nothing itself and calls one library function.
+"""The ``esparse`` command line, every subcommand: prune, ppl, convert-gguf, export, generate, bench, serve, tune,
+env, install-cusparselt, demo. Each command function is thin: it parses nothing itself and calls one library function.
 
 Every subcommand turns an :class:`EsparseError` into one clear line on stderr and exit code 2; anything
 else is a bug and keeps its traceback.
@@ -354,6 +354,70 @@ def cmd_bench(args) -> None:
             print(report)
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (esparse[serve])")
+    p.add_argument("model", type=Path, nargs="?", help="folder written by esparse export")
+    p.add_argument("--shape", choices=tuple(SHAPES),
+                   help="random 2:4 weights of a model shape instead of a folder (benchmarks; prompts as token ids)")
+    p.add_argument("--layers", type=at.int_at_least(1), default=None, help="override the number of layers (--shape)")
+    path = p.add_mutually_exclusive_group()
+    path.add_argument("--sparse", action="store_true", help="2:4 linears on the sparse kernel (GPU)")
+    path.add_argument("--dense", action="store_true", help="dense linears (default)")
+    p.add_argument("--device", type=at.device, default="auto")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default fp16 on GPU, fp32 on CPU")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=at.int_at_least(0), default=8000, help="TCP port (0: any free port, logged)")
+    p.add_argument("--max-batch", type=at.int_at_least(1), default=32,
+                   help="KV-cache rows: sequences decoded together")
+    p.add_argument("--max-len", type=at.int_at_least(2), default=None,
+                   help="context per sequence, prompt + completion (default: the model's, at most 2048)")
+    p.add_argument("--max-queue", type=at.int_at_least(0), default=256,
+                   help="requests waiting for a row before new ones get 429")
+    p.add_argument("--prefill-budget", type=at.int_at_least(1), default=2048,
+                   help="prompt tokens prefilled per engine iteration (bounds the decode stall a burst causes)")
+    p.add_argument("--request-timeout", type=at.float_in(0.0, low_open=True), default=600.0,
+                   help="seconds a request may take, queue included (408 after)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="run GPU decode steps eagerly")
+    p.add_argument("--graph-buckets", type=at.int_list, default=None,
+                   help="batch sizes with a captured decode graph (default: powers of two up to --max-batch)")
+    p.add_argument("--no-compile", action="store_true", help="do not torch.compile the GPU decode step")
+    p.add_argument("--tp", type=int, choices=(1, 2, 4, 8), default=None,
+                   help="which <tp>-gpu export to read when the folder holds several (shards are merged)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> None:
+    import torch
+
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:  # the HTTP stack is an optional extra
+        raise EsparseError(f"esparse serve needs the serve extra ({e.name} is missing): "
+                           "pip install 'esparse[serve]'") from None
+    from esparse.python_api.serve import launch
+
+    if (args.model is None) == (args.shape is None):
+        raise EsparseError("give an exported folder or --shape NAME (not both)")
+    dev = resolve_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
+    folder = tok_dir = None
+    if args.model is not None:
+        folder = _ft_folder(args.model)
+        cand = _tokenizer_folder(folder, args.model)
+        tok_dir = cand if (cand / "tokenizer_config.json").is_file() else None
+    model, codec, name = launch.open_model(folder, args.shape, args.layers, args.sparse, dev, dtype, args.tp, tok_dir)
+    max_len = args.max_len or min(model.cfg.max_pos, launch.DEFAULT_MAX_LEN)
+    config = launch.EngineConfig(max_batch=args.max_batch, max_len=max_len, max_queue=args.max_queue,
+                                 prefill_budget=args.prefill_budget, cuda_graph=not args.no_cuda_graph,
+                                 compile=not args.no_compile,
+                                 graph_buckets=tuple(args.graph_buckets) if args.graph_buckets else None)
+    opts = launch.ServeOptions(args.host, args.port, args.request_timeout, args.served_model_name)
+    launch.serve(model, codec, name, config, opts)
+
+
 def _add_plugin(sub) -> None:
     p = sub.add_parser("tune", help="pre-search cuSPARSELt algorithms for every linear shape of an exported model")
     p.add_argument("model", type=Path, help="exported 2:4 folder (esparse export)")
@@ -396,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_prune, _add_ppl, _add_convert_gguf, _add_export, _add_generate_bench, _add_plugin,
+    for add in (_add_prune, _add_ppl, _add_convert_gguf, _add_export, _add_generate_bench, _add_serve, _add_plugin,
                 demo.add_commands):
         add(sub)
     return parser
