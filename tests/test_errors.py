@@ -74,8 +74,12 @@ def test_existing_output_refused_unless_overwrite(tmp_path, calib_file, llama_di
     assert _prune(llama_dir, calib_file, out) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
-    assert _prune(llama_dir, calib_file, out, "--overwrite") == 0
-    assert (out / "esparse.json").is_file() and not (out / "keep.txt").exists()
+    assert _prune(llama_dir, calib_file, out, "--overwrite") == 2  # not esparse's: --overwrite does not take it
+    assert "esparse did not write" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty folder is taken as it is
+    assert _prune(llama_dir, calib_file, out) == 0 and (out / "esparse.json").is_file()
+    assert _prune(llama_dir, calib_file, out, "--overwrite") == 0  # esparse's own output: replaced
+    assert (out / "esparse.json").is_file() and (out / ".esparse-output").is_file()
 
 
 def test_interrupted_write_leaves_nothing(tmp_path, calib_file, llama_dir, monkeypatch):
