@@ -11,10 +11,10 @@ from esparse.cli import main
 from helpers import save_model
 
 PINNED = {
-    ("llama", "dense"): "2a5e4e25fd93333e078a487a5e6c2242c4ee7ef8fa5b8bd9e2b230421bd1f4ea",
-    ("llama", "magnitude"): "348f8851e417471b66df578771ae20bc5e44b1ddcb599de465b88e736b59211b",
-    ("opt", "dense"): "d5ed7585e4476215b0c04124c07619e7dbf5c5b890fa305e53a62b2e3bf86578",
-    ("opt", "magnitude"): "fdcf868d38ad360cfe784ddad39c4c7802bd0c26e288b83354acb21483bebe74",
+    ("llama", "dense"): "f6459742f45b81bd25afa307a114f3b637c98e8f2e66e589c64634afeea4cd49",
+    ("llama", "magnitude"): "39d8fb2ad9061750880093b5e2ec64b7e9ca55cc767b9c6bcf4902fe3e762c8b",
+    ("opt", "dense"): "079c62fa6e8b3be505d9c7cd3054565bc6e94e1763af98c09e53ffc7aefe7169",
+    ("opt", "magnitude"): "416474badda937edffcee561412cb23c4fa304dd3a3a06a489dea9bb16346436",
 }
 
 
