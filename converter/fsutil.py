@@ -72,26 +72,30 @@ def check_output_location(out: Path, inputs: list[Path], need_bytes: int | None 
     the file system (with esparse's temporary suffix), too little free space for ``need_bytes``, or an output
     that is, contains or sits inside one of the inputs (--overwrite would delete it; resolved paths)."""
     o_abs = _abs(out)
-    if o_abs.exists() and not o_abs.is_dir():
-        raise EsparseError(f"--out {out} is a file, not a folder: choose a folder path")
-    if o_abs == Path(o_abs.anchor):
-        raise EsparseError(f"--out {out} is the file system's root: choose a folder inside it")
-    anc = _existing_ancestor(o_abs.parent)
-    if not anc.is_dir():
-        raise EsparseError(f"--out {out}: {anc} is a file, not a folder, so nothing can be created under it; "
-                           "choose another --out")
+    try:
+        name_max = os.pathconf(o_abs.anchor, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for j, part in enumerate(o_abs.parts[1:]):  # before any stat: a name over the limit makes stat itself fail
+        extra = _TMP_SUFFIX_BYTES if j == len(o_abs.parts) - 2 else 0
+        if len(part.encode()) + extra > name_max:
+            raise EsparseError(f"--out {out}: the name {part[:24]!r}... is {len(part.encode())} bytes, over the "
+                               f"file system's limit of {name_max}" + (f" with esparse's temporary suffix ({extra})"
+                                                                       if extra else "") + ": choose a shorter name")
+    try:
+        if o_abs.exists() and not o_abs.is_dir():
+            raise EsparseError(f"--out {out} is a file, not a folder: choose a folder path")
+        if o_abs == Path(o_abs.anchor):
+            raise EsparseError(f"--out {out} is the file system's root: choose a folder inside it")
+        anc = _existing_ancestor(o_abs.parent)
+        if not anc.is_dir():
+            raise EsparseError(f"--out {out}: {anc} is a file, not a folder, so nothing can be created under it; "
+                               "choose another --out")
+    except OSError as e:
+        raise EsparseError(f"--out {out} cannot be inspected ({e.strerror}): choose another --out") from e
     if not os.access(anc, os.W_OK | os.X_OK):
         raise EsparseError(f"--out {out}: {anc} is not writable (read-only disk or no permission); choose another "
                            "--out")
-    try:
-        name_max = os.pathconf(anc, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        name_max = 255
-    for part in o_abs.relative_to(anc).parts or (o_abs.name,):
-        if len(part.encode()) + _TMP_SUFFIX_BYTES > name_max:
-            raise EsparseError(f"--out {out}: the name {part[:40]!r}... is {len(part.encode())} bytes, over the "
-                               f"file system's limit of {name_max} with esparse's temporary suffix "
-                               f"({_TMP_SUFFIX_BYTES}): choose a shorter name")
     if need_bytes is not None:
         check_free_space(out, need_bytes)
     o = Path(out).resolve()
@@ -182,6 +186,36 @@ def _signals_deferred() -> Iterator[None]:
             _raise_for(signum)
 
 
+def _is_cwd(folder: Path) -> bool:
+    try:
+        return Path(os.getcwd()) == folder
+    except OSError:
+        return False
+
+
+def _swap_contents(tmp: Path, out: Path) -> None:
+    """Replace the contents of ``out`` by those of ``tmp`` entry by entry (``out`` itself stays: it is the current
+    folder), the marker first; on a failure the previous contents are moved back."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    old.mkdir()
+    moved = []
+    try:
+        for entry in list(out.iterdir()):
+            entry.rename(old / entry.name)
+        for entry in sorted(tmp.iterdir(), key=lambda p: p.name != MARKER):
+            entry.rename(out / entry.name)
+            moved.append(out / entry.name)
+    except OSError:
+        for entry in moved:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        for entry in list(old.iterdir()):
+            entry.rename(out / entry.name)
+        old.rmdir()
+        raise
+    tmp.rmdir()
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``out``; on success it gets the esparse marker and replaces ``out``, on
@@ -222,6 +256,10 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise EsparseError(f"{given} was written by another run while this one worked: both cannot "
                                        "own it; choose another --out or pass --overwrite")
+            if out.is_dir() and _is_cwd(out):
+                _swap_contents(tmp, out)  # --out . : the folder the shell stands in stays that folder
+                return
+            if out.is_dir() and any(out.iterdir()):
                 old = out.with_name(f".{out.name}.old-{os.getpid()}")
                 out.rename(old)
                 try:
