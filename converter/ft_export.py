@@ -34,7 +34,7 @@ from esparse.format.tokenizer import copy_tokenizer_files, write_tokenizer_manif
 
 from .arch import decoder_base, get_linear, groups_of, head_shape
 from .fsutil import atomic_output_dir, check_free_space, check_output_dir, check_output_location
-from .model_io import check_model_path, is_gguf, load_model, load_tokenizer
+from .model_io import check_model_path, is_gguf, load_model, load_tokenizer, read_model_config
 from .serving_order import serving_layer
 
 log = logging.getLogger(__name__)
@@ -115,16 +115,17 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
     check_model_path(Path(src))  # every config variant the runtime does not implement, before the weights load
     pruned = read_prune_meta(Path(src)) if Path(src).is_dir() else None
     meta, perms = pruned if pruned else ({}, {})
+    sparsity, method = str(meta.get("pattern", "")), meta.get("method", "dense")
+    permuted = sorted({k.split(".")[-1] for k in perms})
+    planned = ft_config_from_hf(read_model_config(Path(src)), tp, dtype, sparsity, method, permuted)
+    check_tp(planned)  # before the weights load: the split and the disk space follow from the config alone
+    check_free_space(Path(out), sum(expected_files(planned).values()))
     torch_dtype = DTYPE_NAMES[dtype]
     model = load_model(src, dtype=torch_dtype)
     check_perms(perms, model, Path(src))
     fam = family_of(model)
     arch = fam.name
-    sparsity = meta.get("pattern", "")
-    permuted = sorted({k.split(".")[-1] for k in perms})
-    cfg = ft_config_from_hf(model.config, tp, dtype, sparsity, meta.get("method", "dense"), permuted)
-    check_tp(cfg)
-    check_free_space(Path(out), sum(expected_files(cfg).values()))
+    cfg = ft_config_from_hf(model.config, tp, dtype, sparsity, method, permuted)
     nm = cfg.nm
     heads = head_shape(model.config)
     state = model.state_dict()

@@ -41,7 +41,7 @@ def _reader(path: Path):
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:  # the gguf package raises plain ValueError/struct errors on bad files
-        raise EsparseError(f"{path} is not a readable GGUF file: {e}") from e
+        raise EsparseError(f"{path} is not a readable GGUF file ({e}): re-download or re-convert it") from e
 
 
 def gguf_architecture(path: Path) -> str:
@@ -81,10 +81,10 @@ def check_llama_gguf(path: Path) -> None:
     head_dim = _int_field(reader, "llama.attention.key_length", path) or hidden // heads
     shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
     blocks = {int(m[1]) for name in shapes if (m := re.match(r"blk\.(\d+)\.", name))}
-    if blocks != set(range(n_layers)):
-        extra = sorted(blocks - set(range(n_layers)))
+    extra = sorted(b for b in blocks if b >= n_layers)
+    if extra or len(blocks) != n_layers:  # (never a set of block_count numbers: the header may say 10^9)
         what = (f"tensors of block {extra[0]}, past llama.block_count = {n_layers}" if extra else
-                f"{n_layers - len(blocks & set(range(n_layers)))} of the {n_layers} blocks llama.block_count names")
+                f"only {len(blocks)} of the {n_layers} blocks llama.block_count names")
         raise EsparseError(f"{path} has {what}: the header and the tensors disagree (a corrupt or incomplete GGUF); "
                            "re-download or re-convert it")
     vocab = shapes.get("token_embd.weight", (0, 0))[-1]

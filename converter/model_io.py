@@ -75,6 +75,20 @@ def read_hf_config(model_dir: Path):
                            "config.json is corrupt") from e
 
 
+def read_model_config(path: Path):
+    """The transformers config of a HF folder or a GGUF file, without reading the weights."""
+    path = Path(path)
+    if not is_gguf(path):
+        return read_hf_config(path)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # the GGUF config reader raises any error type on odd metadata
+        raise EsparseError(f"cannot read the config of {path} ({type(e).__name__}: {_first_line(e)}): its "
+                           "metadata is corrupt; re-download or re-convert it") from e
+
+
 def check_variant(config) -> dict:
     """What the runtime needs to know of a config, every variant it does not implement refused (families.py)."""
     return family(config.model_type).hf_shape(config)

@@ -20,10 +20,11 @@ from safetensors.torch import save_file
 from esparse.devices import resolve_device
 from esparse.errors import EsparseError
 from esparse.format.pruned import META_FILE, PERMS_FILE, PRUNED_FORMAT_VERSION
+from esparse.limits import check_calibration_fits
 
 from .arch import decoder_base, get_linear, groups_of
-from .fsutil import atomic_output_dir, check_output_dir, check_output_location
-from .model_io import check_model_path, is_gguf, load_model, load_tokenizer, save_hf_folder
+from .fsutil import atomic_output_dir, check_free_space, check_output_dir, check_output_location
+from .model_io import check_model_path, is_gguf, load_model, load_tokenizer, output_bytes, save_hf_folder
 from .prune import PruneConfig, PruneResult, prune_model, summary_table
 from .text import calibration_windows, read_documents
 
@@ -90,6 +91,7 @@ def prune_checkpoint(
     check_output_location(Path(out), [Path(model_path), Path(calib_path)])
     check_output_dir(Path(out), overwrite)
     check_model_path(Path(model_path))
+    check_free_space(Path(out), output_bytes(Path(model_path)))
     check_pattern_before_loading(Path(model_path), cfg.m)
     dev = resolve_device(device)
     docs = read_documents(calib_path)
@@ -103,6 +105,7 @@ def prune_checkpoint(
     seqlen = min(calib.seqlen, max_pos)
     if seqlen < calib.seqlen:
         log.info("seqlen %d clipped to the model's %d positions", calib.seqlen, max_pos)
+    check_calibration_fits(model.config, calib.nsamples, seqlen, dev, model.dtype)
     windows = calibration_windows(tokenizer, docs, calib.nsamples, seqlen, calib.seed)
     log.info("calibration: %d windows x %d tokens from %s", windows.shape[0], seqlen, calib_path)
     t0 = time.perf_counter()

@@ -6,6 +6,11 @@ longer than seqlen as Wanda does with C4: the offline samples we have (C4 and Wi
 exllamav3) hold few documents longer than 2048 tokens, and a boundary inside a window costs nothing.
 
 Perplexity (docs/method.md): documents joined with "\\n\\n", tokenised once, non-overlapping windows, tail dropped.
+
+Limits: a text file over :data:`MAX_TEXT_BYTES` is refused before it is read, and a text over
+:data:`TOKENIZE_CHUNK_CHARS` is tokenised in chunks of whole documents (a fast tokenizer's peak memory is many
+times its input: one 200 MB string took 13.7 GB), so memory stays near the text and its ids. Texts below the
+chunk size, which covers WikiText-2 and the calibration samples, are tokenised in one call as before.
 """
 
 from __future__ import annotations
@@ -17,6 +22,25 @@ from pathlib import Path
 import torch
 
 from esparse.errors import EsparseError
+from esparse.limits import check_fits
+
+MAX_TEXT_BYTES = 1 << 30  # 1 GiB: far more than calibration or WikiText needs
+TOKENIZE_CHUNK_CHARS = 8 << 20  # 8 Mi characters per tokenizer call
+
+
+def _json_lines(path: Path, raw: str) -> bool:
+    """JSON lines by name (.jsonl/.json), or when the first non-empty line is a JSON object with a "text" field
+    (a plain text whose first line merely starts with "{" stays plain text)."""
+    if path.suffix in (".jsonl", ".json"):
+        return True
+    first = next((line for line in raw.split("\n", 64) if line.strip()), "")
+    if not first.lstrip().startswith("{"):
+        return False
+    try:
+        obj = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and "text" in obj
 
 _DOC_TAG = re.compile(r"<doc[^>]*>|</doc>")
 
@@ -32,12 +56,17 @@ def read_documents(path: str | Path) -> list[str]:
         if path.is_dir():
             raise EsparseError(f"{path} is a folder: give one text file (plain text, <doc>-tagged or JSON lines)")
         raise EsparseError(f"text file {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_TEXT_BYTES:
+        raise EsparseError(f"text file {path} is {size / 2**30:.1f} GiB, over esparse's limit of "
+                           f"{MAX_TEXT_BYTES / 2**30:.0f} GiB: give a smaller file (e.g. its first part: "
+                           f"head -c 500M {path} > part.txt)")
     try:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise EsparseError(f"cannot read {path} as UTF-8 text: {e}") from e
     raw = raw.replace("\r\n", "\n")
-    if path.suffix in (".jsonl", ".json") or raw.lstrip().startswith("{"):
+    if _json_lines(path, raw):
         docs = []
         for i, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
@@ -60,10 +89,35 @@ def read_documents(path: str | Path) -> list[str]:
     return docs
 
 
+def _chunks(docs: list[str], size: int) -> list[list[str]]:
+    """Consecutive runs of whole documents of about ``size`` characters each (a longer document alone)."""
+    out: list[list[str]] = [[]]
+    n = 0
+    for d in docs:
+        if out[-1] and n + len(d) > size:
+            out.append([])
+            n = 0
+        out[-1].append(d)
+        n += len(d) + 2
+    return out
+
+
 def tokenize_stream(tokenizer, docs: list[str]) -> torch.Tensor:
-    """All documents joined with "\\n\\n" and tokenised once: a 1-D LongTensor."""
-    ids = tokenizer("\n\n".join(docs), return_tensors="pt").input_ids[0]
-    return ids.long()
+    """All documents joined with "\\n\\n" and tokenised: a 1-D LongTensor. In one call up to
+    TOKENIZE_CHUNK_CHARS characters; beyond, chunk by chunk of whole documents, each chunk after the first
+    starting with its "\\n\\n" separator and without the tokenizer's special tokens (the ids at a chunk's
+    start may differ from a single call's; memory stays bounded)."""
+    if sum(len(d) + 2 for d in docs) <= TOKENIZE_CHUNK_CHARS:
+        return tokenizer("\n\n".join(docs), return_tensors="pt").input_ids[0].long()
+    parts = []
+    for j, chunk in enumerate(_chunks(docs, TOKENIZE_CHUNK_CHARS)):
+        text = "\n\n".join(chunk)
+        if j == 0:
+            ids = tokenizer(text).input_ids
+        else:
+            ids = tokenizer("\n\n" + text, add_special_tokens=False).input_ids
+        parts.append(torch.tensor(ids, dtype=torch.int32))
+    return torch.cat(parts).long()
 
 
 def calibration_windows(
@@ -78,8 +132,14 @@ def calibration_windows(
             f"calibration text is too short: {stream.numel()} tokens, a window needs {seqlen + 1}; "
             "give more text or a smaller --seqlen"
         )
+    distinct = stream.numel() - seqlen
+    if nsamples > distinct:
+        raise EsparseError(f"--nsamples {nsamples} is more than the {distinct} distinct windows of {seqlen} tokens the "
+                           f"calibration text ({stream.numel()} tokens) holds: lower --nsamples or give more text")
+    check_fits(nsamples * seqlen * 8, "cpu", f"{nsamples} calibration windows of {seqlen} tokens",
+               "lower --nsamples or --seqlen")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, stream.numel() - seqlen, (nsamples,), generator=gen)
+    starts = torch.randint(0, distinct, (nsamples,), generator=gen)
     return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
 
 
