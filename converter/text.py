@@ -8,14 +8,18 @@ exllamav3) hold few documents longer than 2048 tokens, and a boundary inside a w
 Perplexity (docs/method.md): documents joined with "\\n\\n", tokenised once, non-overlapping windows, tail dropped.
 
 Limits: a text file over :data:`MAX_TEXT_BYTES` is refused before it is read, and a text over
-:data:`TOKENIZE_CHUNK_CHARS` is tokenised in chunks of whole documents (a fast tokenizer's peak memory is many
-times its input: one 200 MB string took 13.7 GB), so memory stays near the text and its ids. Texts below the
-chunk size, which covers WikiText-2 and the calibration samples, are tokenised in one call as before.
+:data:`ONE_CALL_CHARS` is tokenised in chunks of about :data:`TOKENIZE_CHUNK_CHARS` characters of whole documents
+(a fast tokenizer's peak memory is many times its input: one 200 MB string took 13.7 GB), so memory stays near the
+text and its ids, and only as far as the use needs: calibration 16 tokens of text per token it samples (at least
+2^21), perplexity with --max-windows the windows it evaluates. Texts up to ONE_CALL_CHARS, which covers WikiText-2
+and the calibration samples, are tokenised whole in one call as before.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -24,8 +28,11 @@ import torch
 from esparse.errors import EsparseError
 from esparse.limits import check_fits
 
+log = logging.getLogger(__name__)
+
 MAX_TEXT_BYTES = 1 << 30  # 1 GiB: far more than calibration or WikiText needs
-TOKENIZE_CHUNK_CHARS = 8 << 20  # 8 Mi characters per tokenizer call
+ONE_CALL_CHARS = 8 << 20  # up to 8 Mi characters: one tokenizer call (ids exactly as a single call gives them)
+TOKENIZE_CHUNK_CHARS = 1 << 20  # beyond: calls of about 1 Mi characters each
 
 
 def _json_lines(path: Path, raw: str) -> bool:
@@ -102,21 +109,33 @@ def _chunks(docs: list[str], size: int) -> list[list[str]]:
     return out
 
 
-def tokenize_stream(tokenizer, docs: list[str]) -> torch.Tensor:
-    """All documents joined with "\\n\\n" and tokenised: a 1-D LongTensor. In one call up to
-    TOKENIZE_CHUNK_CHARS characters; beyond, chunk by chunk of whole documents, each chunk after the first
-    starting with its "\\n\\n" separator and without the tokenizer's special tokens (the ids at a chunk's
-    start may differ from a single call's; memory stays bounded)."""
-    if sum(len(d) + 2 for d in docs) <= TOKENIZE_CHUNK_CHARS:
+def _release_freed_memory() -> None:
+    """Hand the freed buffers of a tokenizer call back to the system: glibc keeps them in its arenas, and across
+    chunk after chunk the process grew by ~80 MB per 1 Mi characters though nothing was still in use."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
+
+
+def tokenize_stream(tokenizer, docs: list[str], max_tokens: int | None = None) -> torch.Tensor:
+    """All documents joined with "\\n\\n" and tokenised: a 1-D LongTensor. In one call up to ONE_CALL_CHARS
+    characters; beyond, chunk by chunk of whole documents, each chunk after the first starting with its "\\n\\n"
+    separator and without the tokenizer's special tokens (the ids at a chunk's start may differ from a single
+    call's; memory stays bounded), stopping once ``max_tokens`` are in hand when it is given."""
+    if sum(len(d) + 2 for d in docs) <= ONE_CALL_CHARS:
         return tokenizer("\n\n".join(docs), return_tensors="pt").input_ids[0].long()
-    parts = []
+    parts, count = [], 0
     for j, chunk in enumerate(_chunks(docs, TOKENIZE_CHUNK_CHARS)):
-        text = "\n\n".join(chunk)
-        if j == 0:
-            ids = tokenizer(text).input_ids
-        else:
-            ids = tokenizer("\n\n" + text, add_special_tokens=False).input_ids
+        if max_tokens is not None and count >= max_tokens:
+            log.info("tokenised the first %d tokens of a long text (enough for its use here)", count)
+            break
+        text = "\n\n".join(chunk) if j == 0 else "\n\n" + "\n\n".join(chunk)
+        ids = tokenizer(text, add_special_tokens=j == 0, return_attention_mask=False).input_ids
         parts.append(torch.tensor(ids, dtype=torch.int32))
+        count += len(ids)
+        del ids
+        _release_freed_memory()
     return torch.cat(parts).long()
 
 
@@ -126,7 +145,9 @@ def calibration_windows(
     """``[nsamples, seqlen]`` random token windows from the joined documents, reproducible from ``seed``."""
     if nsamples < 1 or seqlen < 2:
         raise EsparseError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
-    stream = tokenize_stream(tokenizer, docs)
+    # a long text (beyond one tokenizer call) is tokenised only as far as the windows can use: 16 tokens of text
+    # for every token sampled, and at least 2^21
+    stream = tokenize_stream(tokenizer, docs, max(16 * nsamples * seqlen, 1 << 21))
     if stream.numel() <= seqlen:
         raise EsparseError(
             f"calibration text is too short: {stream.numel()} tokens, a window needs {seqlen + 1}; "
@@ -145,7 +166,7 @@ def calibration_windows(
 
 def eval_windows(tokenizer, docs: list[str], seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """``[n, seqlen]`` consecutive non-overlapping windows (WikiText protocol); the tail is dropped."""
-    stream = tokenize_stream(tokenizer, docs)
+    stream = tokenize_stream(tokenizer, docs, None if max_windows is None else max_windows * seqlen)
     n = stream.numel() // seqlen
     if n == 0:
         raise EsparseError(f"evaluation text has {stream.numel()} tokens, fewer than one window of {seqlen}")

@@ -6,6 +6,7 @@ tokenised in bounded chunks."""
 import time
 
 import pytest
+import torch
 
 from esparse import limits
 from esparse.cli import main
@@ -118,6 +119,7 @@ def test_a_large_text_is_tokenised_in_bounded_chunks(monkeypatch):
         calls.append(len(s))
         return tok(s, **kw)
 
+    monkeypatch.setattr(text, "ONE_CALL_CHARS", 1000)
     monkeypatch.setattr(text, "TOKENIZE_CHUNK_CHARS", 1000)
     chunked = text.tokenize_stream(spy, docs)
     longest = max(map(len, docs))
@@ -125,3 +127,15 @@ def test_a_large_text_is_tokenised_in_bounded_chunks(monkeypatch):
     # the chunks cover the same text: the same tokens but at the chunk seams
     assert abs(chunked.numel() - one_call.numel()) <= len(calls)
     assert tok.decode(chunked) == tok.decode(one_call)
+
+
+def test_a_long_text_is_tokenised_only_as_far_as_calibration_needs(monkeypatch):
+    _, tok = make_model("llama")
+    docs = [f"document {i}: the quick brown fox jumps over the lazy dog " * 3 for i in range(200)]
+    monkeypatch.setattr(text, "ONE_CALL_CHARS", 1000)
+    monkeypatch.setattr(text, "TOKENIZE_CHUNK_CHARS", 1000)
+    whole = text.tokenize_stream(tok, docs)
+    capped = text.tokenize_stream(tok, docs, max_tokens=500)
+    assert 500 <= capped.numel() < whole.numel() // 4 and torch.equal(capped, whole[: capped.numel()])
+    windows = text.eval_windows(tok, docs, 16, max_windows=3)
+    assert torch.equal(windows.reshape(-1), whole[:48])

@@ -121,7 +121,7 @@ def _finite(field: str, value, low: float = 0.0, high: float = math.inf) -> floa
 
 
 def _common_shape(config) -> dict:
-    """The sizes every family reads, checked (heads divide, head_dim even for rotary, positions bounded)."""
+    """The sizes every family reads, checked (positive, kv heads dividing heads, positions bounded)."""
     for f in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):
         _positive_int(f, getattr(config, f, None))
     _positive_int("max_position_embeddings", getattr(config, "max_position_embeddings", None), MAX_POSITIONS)
@@ -199,7 +199,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict, device=None) -> to
 
 
 def _llama_shape(config) -> dict:
-    _common_shape(config)
+    head_dim = _common_shape(config)["head_dim"]
+    if head_dim % 2:
+        raise _refuse("head_dim", head_dim, "is odd (rotary positions rotate pairs of channels)", corrupt=True)
     rope = rope_parameters(config)
     theta = _finite("rope_theta", rope.get("rope_theta"))
     biases = []

@@ -211,6 +211,10 @@ def parse_nm(text: str, where: str = "sparsity") -> tuple[int, int] | None:
     return n, m
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def check_config(cfg: FTConfig) -> None:
     """Every value the runtime reads is one it implements and is sane: what config.ini (or a HF config on its way
     to one) says is refused here, by field, before a tensor is allocated."""
@@ -231,9 +235,9 @@ def check_config(cfg: FTConfig) -> None:
         raise bad("size_per_head", cfg.head_dim, "is odd (rotary positions rotate pairs of channels)")
     if not family(cfg.arch).rotary and cfg.n_heads * cfg.head_dim != cfg.hidden:
         raise bad("head_num", cfg.n_heads, f"times size_per_head {cfg.head_dim} is not hidden_size {cfg.hidden}")
-    if not (isinstance(cfg.eps, float) and 0 < cfg.eps < 1):
+    if not (_number(cfg.eps) and 0 < cfg.eps < 1):
         raise bad("layernorm_eps", cfg.eps, "is not a number in (0, 1)")
-    if not (isinstance(cfg.rope_theta, float) and math.isfinite(cfg.rope_theta) and cfg.rope_theta > 0):
+    if not (_number(cfg.rope_theta) and math.isfinite(cfg.rope_theta) and cfg.rope_theta > 0):
         raise bad("rope_theta", cfg.rope_theta, "is not a positive finite number")
     if cfg.dtype not in DTYPE_NAMES:
         raise bad("weight_data_type", cfg.dtype, f"is not one of {', '.join(DTYPE_NAMES)}")
