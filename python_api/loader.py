@@ -24,7 +24,7 @@ from esparse.format.ft_loader import FTFolder, LayerWeights
 from esparse.format.nm_pack import PackedNM
 from esparse.limits import check_fits
 
-from .linear import swap_linears
+from .linear import SPARSE_BACKENDS, swap_linears
 from .model import LINEAR_OF_GROUP, NORM_OF_GROUP, Transformer
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def runtime_weight_bytes(cfg: FTConfig, dtype: torch.dtype, backend: str) -> int
     plus their metadata, about 9/16 for 2:4)."""
     linears, other = param_counts(cfg)
     item = torch.tensor([], dtype=dtype).element_size()
-    return int((linears * (0.5625 if backend == "sparse" else 1.0) + other) * item)
+    return int((linears * (0.5625 if backend in SPARSE_BACKENDS else 1.0) + other) * item)
 
 
 def declare_variant(block: nn.Module, cfg: FTConfig) -> None:
