@@ -267,9 +267,14 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
                 except OSError:
                     old.rename(out)  # the previous output stays where it was
                     raise
-                shutil.rmtree(old, ignore_errors=True)
+                if old.is_symlink():  # --out was a link to the previous output: the link goes, its target stays
+                    old.unlink()
+                else:
+                    shutil.rmtree(old, ignore_errors=True)
             else:
-                if out.is_dir():
+                if out.is_symlink():
+                    out.unlink()  # a link to an empty folder: the link is replaced, the folder stays
+                elif out.is_dir():
                     out.rmdir()  # an empty folder: rename() replaces only that, and only here
                 tmp.rename(out)
         except OSError as e:

@@ -199,3 +199,14 @@ def test_an_output_another_run_finished_meanwhile_is_not_replaced(llama, tmp_pat
     assert "was written by another run while this one worked" in _one_error(capsys)
     assert sorted(p.name for p in out.iterdir()) == [fsutil.MARKER, "from_the_other_run"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft"]
+
+
+def test_overwrite_through_a_link_replaces_the_link_not_its_target(llama, tmp_path):
+    target = tmp_path / "elsewhere"
+    assert main(["export", str(llama), "--out", str(target)]) == 0
+    before = _tree(target)
+    (tmp_path / "link").symlink_to(target)
+    assert main(["export", str(llama), "--out", str(tmp_path / "link"), "--overwrite"]) == 0
+    assert not (tmp_path / "link").is_symlink() and (tmp_path / "link" / "1-gpu" / "config.ini").is_file()
+    assert _tree(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "link"]
