@@ -30,11 +30,11 @@ from esparse.format.ft_format import (
 )
 from esparse.format.nm_pack import pack_nm
 from esparse.format.pruned import PERMS_FILE, read_prune_meta
-from esparse.format.tokenizer import copy_tokenizer_files
+from esparse.format.tokenizer import copy_tokenizer_files, write_tokenizer_manifest
 
 from .arch import decoder_base, get_linear, groups_of, head_shape
-from .fsutil import atomic_output_dir, check_output_dir, check_output_location
-from .model_io import is_gguf, load_model, load_tokenizer
+from .fsutil import atomic_output_dir, check_free_space, check_output_dir, check_output_location
+from .model_io import check_model_path, is_gguf, load_model, load_tokenizer, read_model_config
 from .serving_order import serving_layer
 
 log = logging.getLogger(__name__)
@@ -78,13 +78,16 @@ def ft_config_from_hf(config, tp: int, dtype: str, sparsity: str, method: str, p
     heads = head_shape(config)
     shape = family(arch).hf_shape(config)
     inter, eps, theta = shape["inter"], shape["eps"], shape["rope_theta"]
+    # the source folder's name, not its path: config.ini is covered by the checksums, and the same model exported
+    # from another place must give the same bytes
+    name = Path(str(getattr(config, "_name_or_path", "") or arch)).name or arch
     return FTConfig(arch=arch, hidden=config.hidden_size, n_heads=heads.n_heads, n_kv=heads.n_kv,
                     head_dim=heads.head_dim, inter=inter, n_layers=config.num_hidden_layers,
                     vocab=config.vocab_size, max_pos=config.max_position_embeddings, eps=float(eps), tp=tp,
                     dtype=dtype, rope_theta=float(theta), start_id=config.bos_token_id or 0,
                     end_id=config.eos_token_id if isinstance(config.eos_token_id, int) else 2,
-                    sparsity=sparsity, method=method, permuted=tuple(permuted),
-                    extra={"model_name": getattr(config, "_name_or_path", "") or arch})
+                    sparsity=sparsity, method=method, permuted=tuple(permuted), extra={"model_name": name},
+                    act=shape["act"], biases=tuple(shape["biases"]), rope_scaling=shape["rope_scaling"])
 
 
 def write_tensor(t: torch.Tensor, path: Path) -> int:
@@ -109,17 +112,20 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
         raise EsparseError(f"--dtype {dtype}: use fp16, bf16 or fp32")
     check_output_location(Path(out), [Path(src)])
     check_output_dir(Path(out), overwrite)
+    check_model_path(Path(src))  # every config variant the runtime does not implement, before the weights load
     pruned = read_prune_meta(Path(src)) if Path(src).is_dir() else None
     meta, perms = pruned if pruned else ({}, {})
+    sparsity, method = str(meta.get("pattern", "")), meta.get("method", "dense")
+    permuted = sorted({k.split(".")[-1] for k in perms})
+    planned = ft_config_from_hf(read_model_config(Path(src)), tp, dtype, sparsity, method, permuted)
+    check_tp(planned)  # before the weights load: the split and the disk space follow from the config alone
+    check_free_space(Path(out), sum(expected_files(planned).values()))
     torch_dtype = DTYPE_NAMES[dtype]
     model = load_model(src, dtype=torch_dtype)
     check_perms(perms, model, Path(src))
     fam = family_of(model)
     arch = fam.name
-    sparsity = meta.get("pattern", "")
-    permuted = sorted({k.split(".")[-1] for k in perms})
-    cfg = ft_config_from_hf(model.config, tp, dtype, sparsity, meta.get("method", "dense"), permuted)
-    check_tp(cfg)
+    cfg = ft_config_from_hf(model.config, tp, dtype, sparsity, method, permuted)
     nm = cfg.nm
     heads = head_shape(model.config)
     state = model.state_dict()
@@ -132,11 +138,14 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
             load_tokenizer(Path(src)).save_pretrained(tmp)
         else:
             copy_tokenizer_files(Path(src), tmp)
+        write_tokenizer_manifest(tmp)
         write_config(cfg, folder / "config.ini")
         for name, (_, hf_key) in replicated_specs(cfg).items():
             t = state.get(hf_key)
-            if hf_key == "lm_head.weight" and t is None:
+            if hf_key == "lm_head.weight" and t is None and model.config.tie_word_embeddings:
                 t = state[fam.hf_embed]  # tied embeddings
+            if t is None:  # load_model refuses missing weights; this is the exporter's own guard
+                raise EsparseError(f"{src} has no tensor {hf_key}: re-save the model with all its weights")
             if name == "model.wpe":
                 t = t[fam.position_offset:]  # rows of HF's table before position 0 (OPT: 2)
             other += write_tensor(t.to(torch_dtype), folder / f"{name}.bin")
@@ -166,7 +175,7 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
         missing = set(expected_files(cfg)) - {p.name for p in folder.iterdir()}
         if missing:
             raise EsparseError(f"internal error: export did not write {sorted(missing)[:3]}")
-        write_checksums(folder, list(expected_files(cfg)))
+        write_checksums(folder, [*expected_files(cfg), "config.ini"])
     rep = ExportReport(Path(out), dense_lin, written_lin, dense_lin + other, written_lin + other)
     log.debug("%s", rep.summary())  # debug: the callers (esparse export, the demo) print the summary once
     return rep

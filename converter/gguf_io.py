@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from esparse.errors import EsparseError
 
-from .fsutil import atomic_output_dir, check_output_dir, check_output_location
+from .fsutil import atomic_output_dir, check_free_space, check_output_dir, check_output_location
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ def require_gguf() -> None:
 
 
 LLAMA_HPARAMS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
-LLAMA_BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
-                       "ffn_down")
 
 
 def _reader(path: Path):
@@ -42,7 +41,7 @@ def _reader(path: Path):
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:  # the gguf package raises plain ValueError/struct errors on bad files
-        raise EsparseError(f"{path} is not a readable GGUF file: {e}") from e
+        raise EsparseError(f"{path} is not a readable GGUF file ({e}): re-download or re-convert it") from e
 
 
 def gguf_architecture(path: Path) -> str:
@@ -53,23 +52,79 @@ def gguf_architecture(path: Path) -> str:
     return bytes(field.parts[field.data[0]]).decode()
 
 
+def _int_field(reader, key: str, path: Path) -> int | None:
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    try:
+        value = int(field.parts[field.data[0]][0])
+    except (IndexError, TypeError, ValueError, OverflowError) as e:
+        raise EsparseError(f"{path}: {key} is not an integer: a corrupt GGUF; re-download or re-convert it") from e
+    if value < 1:
+        raise EsparseError(f"{path}: {key} is {value}, not a positive integer: a corrupt GGUF; re-download or "
+                           "re-convert it")
+    return value
+
+
 def check_llama_gguf(path: Path) -> None:
-    """Every hyperparameter and tensor a LLaMA needs is in the file, checked against the file itself (not
-    against a model transformers has already filled with random values, and with no fallback defaults)."""
+    """Every hyperparameter, tensor and tokenizer list a LLaMA needs is in the file and they agree: the blocks
+    present are exactly 0..block_count-1, every tensor has the shape the hyperparameters give, and the tokenizer's
+    ids fit the embedding. Checked against the file itself (not against a model transformers has already filled
+    with random values, and with no fallback defaults), from its header only."""
     reader = _reader(path)
     missing = [f"llama.{k}" for k in LLAMA_HPARAMS if f"llama.{k}" not in reader.fields]
     if missing:
         raise EsparseError(f"{path} lacks the hyperparameters {', '.join(missing)}: an incomplete GGUF; "
                            "re-download or re-convert the model")
-    field = reader.fields["llama.block_count"]
-    n_layers = int(field.parts[field.data[0]][0])
-    have = {t.name for t in reader.tensors}
-    need = ["token_embd.weight", "output_norm.weight"]
-    need += [f"blk.{i}.{t}.weight" for i in range(n_layers) for t in LLAMA_BLOCK_TENSORS]
-    absent = [t for t in need if t not in have]
+    n_layers, hidden, ffn, heads = (_int_field(reader, f"llama.{k}", path) for k in LLAMA_HPARAMS)
+    kv = _int_field(reader, "llama.attention.head_count_kv", path) or heads
+    head_dim = _int_field(reader, "llama.attention.key_length", path) or hidden // heads
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+    blocks = {int(m[1]) for name in shapes if (m := re.match(r"blk\.(\d+)\.", name))}
+    extra = sorted(b for b in blocks if b >= n_layers)
+    if extra or len(blocks) != n_layers:  # (never a set of block_count numbers: the header may say 10^9)
+        what = (f"tensors of block {extra[0]}, past llama.block_count = {n_layers}" if extra else
+                f"only {len(blocks)} of the {n_layers} blocks llama.block_count names")
+        raise EsparseError(f"{path} has {what}: the header and the tensors disagree (a corrupt or incomplete GGUF); "
+                           "re-download or re-convert it")
+    vocab = shapes.get("token_embd.weight", (0, 0))[-1]
+    q, k = heads * head_dim, kv * head_dim
+    want = {"token_embd.weight": (hidden, vocab), "output_norm.weight": (hidden,)}
+    if "output.weight" in shapes:
+        want["output.weight"] = (hidden, vocab)
+    per_block = {"attn_norm": (hidden,), "ffn_norm": (hidden,), "attn_q": (hidden, q), "attn_k": (hidden, k),
+                 "attn_v": (hidden, k), "attn_output": (q, hidden), "ffn_gate": (hidden, ffn), "ffn_up": (hidden, ffn),
+                 "ffn_down": (ffn, hidden)}
+    for i in range(n_layers):
+        want.update({f"blk.{i}.{t}.weight": shape for t, shape in per_block.items()})
+    absent = [t for t in want if t not in shapes]
     if absent:
-        raise EsparseError(f"{path} lacks {len(absent)} of the {len(need)} tensors a {n_layers}-layer LLaMA needs "
+        raise EsparseError(f"{path} lacks {len(absent)} of the {len(want)} tensors a {n_layers}-layer LLaMA needs "
                            f"(first: {', '.join(absent[:3])}): an incomplete GGUF; re-download or re-convert it")
+    wrong = [t for t, shape in want.items() if shapes[t] != shape]
+    if wrong:
+        t = wrong[0]
+        raise EsparseError(f"{path}: tensor {t} has shape {list(shapes[t])}, the header's hyperparameters give "
+                           f"{list(want[t])}: the metadata and the tensors disagree (a corrupt GGUF); re-download or "
+                           "re-convert it")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise EsparseError(f"{path} has no tokenizer (tokenizer.ggml.tokens): esparse needs the model's tokenizer "
+                           "in the GGUF; re-convert it with its tokenizer")
+    if len(tokens.data) > vocab:
+        raise EsparseError(f"{path}: its tokenizer has {len(tokens.data)} tokens but token_embd.weight embeds only "
+                           f"{vocab}: a corrupt GGUF; re-download or re-convert it")
+
+
+def gguf_param_count(path: Path) -> int:
+    """Values of every tensor of a GGUF, from its header."""
+    total = 0
+    for t in _reader(path).tensors:
+        n = 1
+        for d in t.shape:
+            n *= int(d)
+        total += n
+    return total
 
 
 def load_gguf_model(path: Path, dtype: torch.dtype = torch.float16) -> nn.Module:
@@ -94,6 +149,9 @@ def load_gguf_model(path: Path, dtype: torch.dtype = torch.float16) -> nn.Module
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     config.use_cache = False
+    from .model_io import check_variant
+
+    check_variant(config)  # what transformers read from the header (rope scaling, ...) is what the runtime runs
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {k: v.float() for k, v in loaded.state_dict().items()}
     missing, unexpected = fresh.load_state_dict(state, strict=False)
@@ -113,6 +171,7 @@ def convert_gguf(path: Path, out: Path, overwrite: bool = False) -> Path:
     check_output_dir(Path(out), overwrite)
     model = load_gguf_model(Path(path), torch.float16)
     tok = load_tokenizer(Path(path))
+    check_free_space(Path(out), 2 * sum(p.numel() for p in model.parameters()))
     with atomic_output_dir(Path(out), overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

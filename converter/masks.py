@@ -5,17 +5,15 @@ from __future__ import annotations
 import torch
 
 from esparse.errors import EsparseError
+from esparse.format.ft_format import parse_nm
 
 
 def parse_pattern(text: str) -> tuple[int, int]:
-    """"2:4" -> (2, 4): keep N of every M (not Wanda's "prune N of M")."""
-    try:
-        n, m = (int(v) for v in text.split(":"))
-    except ValueError as e:
-        raise EsparseError(f"pattern {text!r} is not N:M (e.g. 2:4 or 4:8)") from e
-    if not 0 < n < m:
-        raise EsparseError(f"pattern {text!r} needs 0 < N < M (keep N of every M weights)")
-    return n, m
+    """"2:4" -> (2, 4): keep N of every M (not Wanda's "prune N of M"); the format's rule (ft_format.parse_nm)."""
+    nm = parse_nm(text, "pattern") if text not in ("", "dense") else None
+    if nm is None:
+        raise EsparseError(f"pattern {text!r} is not N:M (e.g. 2:4 or 4:8)")
+    return nm
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

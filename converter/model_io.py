@@ -1,7 +1,10 @@
 """Loading and saving the HF models esparse works on (local folders and GGUF files, never a hub).
 
 Supported architectures are LLaMA (grouped-query attention included) and OPT; anything else is refused
-up front with a message naming them, before any weights are read.
+up front with a message naming them, before any weights are read, and so is a config variant the runtime does
+not implement (families.py). A checkpoint that lacks a weight the architecture needs, or holds weights it does
+not use (a layer count that does not match the files), is refused too: transformers would fill the missing
+ones with random numbers, or drop the extra ones, and esparse would prune or export that silently.
 """
 
 from __future__ import annotations
@@ -14,12 +17,17 @@ import torch
 from torch import nn
 
 from esparse.errors import EsparseError
-from esparse.format.families import FAMILIES
-from esparse.format.tokenizer import copy_tokenizer_files, load_folder_tokenizer
+from esparse.format.families import FAMILIES, family
+from esparse.format.tokenizer import check_tokenizer_fits, copy_tokenizer_files, load_folder_tokenizer
 
 log = logging.getLogger(__name__)
 
+# unexpected keys that carry nothing the config does not (old checkpoints saved rotary buffers)
+_IGNORED_UNEXPECTED = ("rotary_emb.inv_freq",)
 
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def is_gguf(path: Path) -> bool:
@@ -55,14 +63,83 @@ def read_model_type(model_dir: Path) -> str:
     return model_type
 
 
+def read_hf_config(model_dir: Path):
+    """The transformers config of a HF folder (no weights read), refused when transformers cannot read it."""
+    from transformers import AutoConfig
+
+    read_model_type(model_dir)
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except Exception as e:  # a config transformers refuses surfaces as any error type
+        raise EsparseError(f"cannot read the config of {model_dir} ({type(e).__name__}: {_first_line(e)}): its "
+                           "config.json is corrupt") from e
+
+
+def read_model_config(path: Path):
+    """The transformers config of a HF folder or a GGUF file, without reading the weights."""
+    path = Path(path)
+    if not is_gguf(path):
+        return read_hf_config(path)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # the GGUF config reader raises any error type on odd metadata
+        raise EsparseError(f"cannot read the config of {path} ({type(e).__name__}: {_first_line(e)}): its "
+                           "metadata is corrupt; re-download or re-convert it") from e
+
+
+def check_variant(config) -> dict:
+    """What the runtime needs to know of a config, every variant it does not implement refused (families.py)."""
+    return family(config.model_type).hf_shape(config)
+
+
 def check_model_path(path: Path) -> None:
-    """Fail fast, before anything heavy, on a missing or unsupported model path."""
+    """Fail fast, before anything heavy, on a missing, unreadable or unsupported model path: a HF folder's
+    config is checked variant by variant, a GGUF's header and tensor list against each other."""
     path = Path(path)
     if is_gguf(path):
         if not path.is_file():
             raise EsparseError(f"GGUF file {path} does not exist")
+        from .gguf_io import check_llama_gguf, gguf_architecture
+
+        arch = gguf_architecture(path)
+        if arch != "llama":
+            raise EsparseError(f"unsupported GGUF architecture {arch!r} in {path}: esparse reads LLaMA GGUF files "
+                               "(OPT has no GGUF form); convert other models to a HF folder first")
+        check_llama_gguf(path)
     else:
-        read_model_type(path)
+        config = read_hf_config(path)
+        try:
+            check_variant(config)
+        except EsparseError as e:
+            raise EsparseError(f"{path}: {e}") from None
+
+
+def output_bytes(path: Path) -> int:
+    """About the bytes a pruned copy of the model takes (same dtype as the source; a GGUF becomes fp16): for the
+    disk-space check before the work."""
+    path = Path(path)
+    if is_gguf(path):
+        from .gguf_io import gguf_param_count
+
+        return 2 * gguf_param_count(path)
+    return sum(f.stat().st_size for pat in ("*.safetensors", "*.bin") for f in path.glob(pat) if f.is_file())
+
+
+def check_loading_info(path: Path, info: dict) -> None:
+    """Refuse a checkpoint whose weights do not match its architecture: a missing weight (transformers would
+    initialise it randomly), an unexpected one (a layer the config does not have) or a mismatched shape."""
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if not k.endswith(_IGNORED_UNEXPECTED))
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
+    for keys, what, fix in ((missing, "lacks", "the files are incomplete (a shard or tensor is missing, or the "
+                             "index leaves one out); re-download or re-save the model"),
+                            (mismatched, "has wrongly shaped", "the config and the weights disagree"),
+                            (unexpected, "has weights the config does not use:", "the config (e.g. "
+                             "num_hidden_layers) does not match the weight files; fix config.json or re-save")):
+        if keys:
+            raise EsparseError(f"{path} {what} {len(keys)} tensor(s) (first: {', '.join(keys[:3])}): {fix}")
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:
@@ -77,11 +154,12 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str =
     else:
         read_model_type(path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", low_cpu_mem_usage=True)
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", low_cpu_mem_usage=True,
+                                                               output_loading_info=True)
         except Exception as e:  # corrupt files surface as any of OSError/ValueError/RuntimeError/TypeError/...
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise EsparseError(f"cannot load the model in {path} ({type(e).__name__}: {first}); its config or "
-                               "weight files are corrupt or do not match: re-download or re-save the model") from e
+            raise EsparseError(f"cannot load the model in {path} ({type(e).__name__}: {_first_line(e)}); its config "
+                               "or weight files are corrupt or do not match: re-download or re-save the model") from e
+        check_loading_info(path, info)
     model.eval()
     model.config.use_cache = False
     return model.to(device)
@@ -95,11 +173,29 @@ def load_tokenizer(path: str | Path):
     if not path.exists():
         raise EsparseError(f"{path} does not exist")
     if is_gguf(path):
-        from .gguf_io import require_gguf
+        from .gguf_io import check_llama_gguf, require_gguf
 
         require_gguf()
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return load_folder_tokenizer(path)
+        check_llama_gguf(path)  # a readable LLaMA GGUF with a tokenizer, before transformers parses it
+        try:
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except Exception as e:  # the GGUF tokenizer converter raises any error type on odd metadata
+            raise EsparseError(f"cannot read the tokenizer embedded in {path} ({type(e).__name__}: "
+                               f"{_first_line(e)}): the GGUF's tokenizer metadata is corrupt") from e
+    tok = load_folder_tokenizer(path)
+    vocab = _config_vocab(path)
+    if vocab is not None:
+        check_tokenizer_fits(tok, vocab, str(path))
+    return tok
+
+
+def _config_vocab(path: Path) -> int | None:
+    """vocab_size of a HF folder's config.json, when it has a usable one."""
+    try:
+        vocab = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0 else None
 
 
 def save_hf_folder(model: nn.Module, tokenizer_src: Path | None, out: Path, tokenizer=None) -> None:

@@ -23,11 +23,12 @@ from safetensors.torch import save_file
 from esparse.devices import resolve_device
 from esparse.errors import EsparseError
 from esparse.format.pruned import META_FILE, PERMS_FILE, PRUNED_FORMAT_VERSION
+from esparse.limits import check_calibration_fits
 
 from .arch import decoder_base, get_linear, groups_of
-from .fsutil import atomic_output_dir, check_output_dir, check_output_location
+from .fsutil import atomic_output_dir, check_free_space, check_output_dir, check_output_location
 from .masks import is_nm_sparse
-from .model_io import check_model_path, is_gguf, load_model, load_tokenizer, save_hf_folder
+from .model_io import check_model_path, is_gguf, load_model, load_tokenizer, output_bytes, save_hf_folder
 from .prune import PruneConfig, PruneResult, prune_model, summary_table
 from .text import calibration_windows, read_documents
 
@@ -121,6 +122,7 @@ def prune_checkpoint(
         calib_path = None
     check_output_dir(Path(out), overwrite)
     check_model_path(Path(model_path))
+    check_free_space(Path(out), output_bytes(Path(model_path)))
     check_pattern_before_loading(Path(model_path), cfg.m)
     dev = resolve_device(device)
     docs = read_documents(calib_path) if calib_path is not None else None
@@ -136,6 +138,7 @@ def prune_checkpoint(
         seqlen = min(calib.seqlen, max_pos)
         if seqlen < calib.seqlen:
             log.info("seqlen %d clipped to the model's %d positions", calib.seqlen, max_pos)
+        check_calibration_fits(model.config, calib.nsamples, seqlen, dev, model.dtype)
         windows = calibration_windows(tokenizer, docs, calib.nsamples, seqlen, calib.seed)
         log.info("calibration: %d windows x %d tokens from %s", windows.shape[0], seqlen, calib_path)
         if dev.type == "cpu" and windows.numel() > 16 * 512:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from esparse.errors import EsparseError
+
 from .masks import kept_score
 
 
@@ -149,6 +151,9 @@ def shuffle(
     GNS+LBS ends below the identity's F, LBS is also run from the identity and the better one is kept.
     """
     bsz, _, k = s.shape
+    if k % m:  # the attention output shuffles each head's channels: head_dim must hold whole groups
+        raise EsparseError(f"the channel shuffle permutes blocks of {k} channels (for the attention output: one "
+                           f"head), not divisible by M={m}: choose a pattern whose M divides {k}, or --no-shuffle")
     ident = torch.arange(k, device=s.device).repeat(bsz, 1)
     total = float(s.sum(dtype=torch.float64))
     f_id = kept_total(s, ident, n, m)

@@ -10,8 +10,10 @@ import argparse
 import math
 import re
 
+INT_MAX = 2**63 - 1  # every count, size and seed esparse takes ends up in an int64 (a torch size or seed)
 
-def int_at_least(low: int):
+
+def int_at_least(low: int, high: int = INT_MAX):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -19,6 +21,8 @@ def int_at_least(low: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} is below the minimum {low}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{text} is above the maximum {high}")
         return value
 
     parse.__name__ = f"integer >= {low}"
@@ -40,10 +44,20 @@ def float_in(low: float, high: float = math.inf, low_open: bool = False):
     return parse
 
 
+def temperature(text: str) -> float:
+    """0 (greedy) or a sampling temperature in [1e-4, 100]: below that, logits / T overflow to inf and the
+    sampler would divide inf by inf."""
+    value = float_in(0.0, 100.0)(text)
+    if 0 < value < 1e-4:
+        raise argparse.ArgumentTypeError(f"{text} is too small to sample with: use 0 for greedy decoding or a "
+                                         "temperature of at least 1e-4")
+    return value
+
+
 def int_list(text: str) -> list[int]:
     """Comma-separated positive integers (``--batches 1,4,16``)."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+    if not parts or not all(p.isdigit() and 0 < int(p) <= INT_MAX for p in parts):
         raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated positive integers, e.g. 1,4,16")
     return [int(p) for p in parts]
 
@@ -56,6 +70,10 @@ def device(text: str) -> str:
 
 
 def prompt(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        raise argparse.ArgumentTypeError("the prompt is not valid UTF-8 text: pass it in UTF-8") from None
     if not text.strip():
         raise argparse.ArgumentTypeError("the prompt is empty: give some text")
     return text

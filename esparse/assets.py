@@ -47,7 +47,11 @@ class RealAssets:
 
 def cache_dir(cache: str | Path | None = None) -> Path:
     root = Path(cache or os.environ.get("ESPARSE_CACHE") or Path.home() / ".cache" / "esparse")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EsparseError(f"cannot use {root} as esparse's cache folder ({e.strerror}): point ESPARSE_CACHE at a "
+                           "writable folder") from e
     return root
 
 

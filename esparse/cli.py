@@ -95,9 +95,13 @@ def build_prune_config(args) -> PruneConfig:  # noqa: F821
     if args.no_shuffle:
         over.update(gns=None, lbs=False)
     try:
-        return PruneConfig.for_method(args.method, n, m, **over)
+        cfg = PruneConfig.for_method(args.method, n, m, **over)
     except ValueError as e:  # a combination of options the method does not take
         raise EsparseError(f"--method {args.method}: {e}") from None
+    if cfg.lbs and cfg.block < 2 * m:  # a block of one group has nothing to swap: LBS would silently do nothing
+        raise EsparseError(f"--block {cfg.block}: the local block shuffle swaps channels between groups of M={m}, "
+                           f"so a block needs at least {2 * m} channels; raise --block or pass --lbs off")
+    return cfg
 
 
 def cmd_prune(args) -> None:
@@ -217,7 +221,7 @@ def _add_generate_bench(sub) -> None:
                       help="2:4 linears (GPU): cuSPARSELt through the plugin, else our Triton decode kernel")
     path.add_argument("--dense", action="store_true", help="dense linears (default)")
     g.add_argument("--max-new-tokens", type=at.int_at_least(1), default=64)
-    g.add_argument("--temperature", type=at.float_in(0.0), default=0.0, help="0 = greedy")
+    g.add_argument("--temperature", type=at.temperature, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=at.float_in(0.0, 1.0, low_open=True), default=1.0)
     g.add_argument("--seed", type=at.int_at_least(0), default=0)
     g.add_argument("--device", type=at.device, default="auto")
@@ -303,6 +307,8 @@ def _generate(args, tp) -> None:
     import torch
 
     from esparse.converter.model_io import load_tokenizer
+    from esparse.format.tokenizer import encode_prompts
+    from esparse.limits import check_kv_cache_fits
     from esparse.python_api import distributed, load_decoder
     from esparse.python_api.generate import generate
 
@@ -319,7 +325,8 @@ def _generate(args, tp) -> None:
     tok, model = tp.agree(load, "loading") if tp else load()  # one rank's bad shard stops every rank
     if args.compile and dev.type == "cuda":
         model.compile_decode()
-    prompts = [tok(p).input_ids for p in args.prompt]
+    prompts = encode_prompts(tok, args.prompt, model.cfg.vocab)
+    check_kv_cache_fits(model.cfg, len(prompts), max(map(len, prompts)) + args.max_new_tokens, dev, dtype)
     outs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p,
                     eos_id=tok.eos_token_id, seed=args.seed,
                     cuda_graph=args.cuda_graph)

@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from torch import nn
 
 from esparse.errors import EsparseError
 from esparse.format.families import family
-from esparse.format.ft_format import FTConfig, linear_specs
+from esparse.format.ft_format import FTConfig, linear_specs, param_counts
 from esparse.format.ft_loader import FTFolder, LayerWeights
 from esparse.format.nm_pack import PackedNM
+from esparse.limits import check_fits
 
-from .linear import swap_linears
+from .linear import SPARSE_BACKENDS, swap_linears
 from .model import LINEAR_OF_GROUP, NORM_OF_GROUP, Transformer
 
 log = logging.getLogger(__name__)
@@ -87,10 +89,30 @@ def model_state(cfg: FTConfig, tensors: dict[str, torch.Tensor], device, dtype) 
     return {mod: _on(tensors[ft], device, dtype) for mod, ft in names.items()}
 
 
+def runtime_weight_bytes(cfg: FTConfig, dtype: torch.dtype, backend: str) -> int:
+    """Device bytes of the filled model: dense linears, or compressed ones on the sparse path (N/M of the values
+    plus their metadata, about 9/16 for 2:4)."""
+    linears, other = param_counts(cfg)
+    item = torch.tensor([], dtype=dtype).element_size()
+    return int((linears * (0.5625 if backend in SPARSE_BACKENDS else 1.0) + other) * item)
+
+
+def declare_variant(block: nn.Module, cfg: FTConfig) -> None:
+    """What a block computes beyond its family's fixed shape, from config.ini: the biases of the groups the
+    config names (LLaMA attention_bias / mlp_bias) and the MLP activation."""
+    for group in cfg.bias_groups:
+        lin = block.get_submodule(LINEAR_OF_GROUP[group])
+        if lin.bias is None:
+            lin.bias = nn.Parameter(torch.empty(lin.out_features, device="meta"), requires_grad=False)
+    block.feed_forward.act = cfg.activation
+
+
 def build_decoder(src: WeightSource, device: torch.device | str, dtype: torch.dtype, backend: str) -> Transformer:
     """Declare, fill layer by layer, swap: the one way a Transformer gets its weights."""
     device = torch.device(device)
     cfg = src.cfg
+    check_fits(runtime_weight_bytes(cfg, dtype, backend), device, f"the {cfg.n_layers}-layer model's weights",
+               "use a smaller model, fewer layers or another device")
     with torch.device("meta"):
         model = Transformer(cfg)
     prepare = getattr(src, "prepare_model", None)
@@ -102,8 +124,12 @@ def build_decoder(src: WeightSource, device: torch.device | str, dtype: torch.dt
     if outside:
         raise EsparseError(f"the weights miss {outside[0]}: re-run esparse export")
     for i, block in enumerate(model.layers):
+        declare_variant(block, cfg)
         block.load_state_dict(block_state(cfg, src.layer(i), device, dtype), assign=True)
         swap_linears(block, backend)
+        ff = block.feed_forward
+        if ff.relu_fused and ff.act != "relu":  # the GEMM epilogue fuses a ReLU only: this activation runs in torch
+            ff.w1.relu = ff.relu_fused = False
     model.requires_grad_(False)
     model.backend = backend
     model.setup_rope()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esparse.errors import EsparseError
-from esparse.format.families import family
+from esparse.format.families import ACTIVATIONS, family, rope_inv_freq
 from esparse.format.ft_format import FTConfig
 
 from .attention import decode_attention
@@ -125,11 +125,13 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU (w2(silu(x W_gate) * x W_up), gate and up stacked in w1: one GEMM) or ReLU (w2(relu(x w1)))."""
+    """Gated (w2(act(x W_gate) * x W_up), gate and up stacked in w1: one GEMM; SwiGLU for LLaMA) or plain
+    (w2(act(x w1)); ReLU for OPT). ``act`` is the config's activation (families.ACTIVATIONS), set by the loader."""
 
     def __init__(self, dim: int, hidden_dim: int, gated: bool, w1_bias: bool, w2_bias: bool):
         super().__init__()
         self.gated = gated
+        self.act = "silu" if gated else "relu"
         self.w1 = nn.Linear(dim, 2 * hidden_dim if gated else hidden_dim, bias=w1_bias)
         self.w2 = nn.Linear(hidden_dim, dim, bias=w2_bias)
         self.relu_fused = False  # set when a swapped-in w1 applies the ReLU in its GEMM epilogue
@@ -138,9 +140,9 @@ class FeedForward(nn.Module):
         h = self.w1(x)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = ACTIVATIONS[self.act](gate) * up
         elif not self.relu_fused:
-            h = F.relu(h)
+            h = ACTIVATIONS[self.act](h)
         return self.w2(h)
 
 
@@ -189,11 +191,9 @@ class Transformer(nn.Module):
         return self.tok_embeddings.weight.dtype
 
     def setup_rope(self) -> None:
-        """The rotary frequencies, on the weights' device (called once the weights are in)."""
+        """The rotary frequencies (rope scaling included), on the weights' device (called once the weights are in)."""
         if self.family.rotary:
-            d = self.cfg.head_dim
-            steps = torch.arange(0, d, 2, dtype=torch.float32, device=self.device) / d
-            self.inv_freq = 1.0 / (self.cfg.rope_theta ** steps)
+            self.inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling, self.device)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         if max_len > self.cfg.max_pos:

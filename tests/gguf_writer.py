@@ -12,7 +12,11 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_llama_gguf(model, tokenizer, path: Path, drop: tuple[str, ...] = (), hparams: bool = True) -> Path:
+def write_llama_gguf(model, tokenizer, path: Path, drop: tuple[str, ...] = (), hparams: bool = True,
+                     block_count: int | None = None, embedding_length: int | None = None,
+                     with_tokenizer: bool = True) -> Path:
+    """``block_count`` / ``embedding_length`` override the header (a file whose metadata disagrees with its
+    tensors); ``with_tokenizer=False`` leaves the tokenizer out."""
     import gguf
 
     cfg = model.config
@@ -20,26 +24,27 @@ def write_llama_gguf(model, tokenizer, path: Path, drop: tuple[str, ...] = (), h
     w.add_name("tiny-llama")
     if hparams:
         w.add_context_length(cfg.max_position_embeddings)
-        w.add_embedding_length(cfg.hidden_size)
-        w.add_block_count(cfg.num_hidden_layers)
+        w.add_embedding_length(cfg.hidden_size if embedding_length is None else embedding_length)
+        w.add_block_count(cfg.num_hidden_layers if block_count is None else block_count)
         w.add_feed_forward_length(cfg.intermediate_size)
         w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    vocab = tokenizer.get_vocab()
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * len(tokens))
-    merges = tokenizer.backend_tokenizer.to_str()
-    import json
+    if with_tokenizer:
+        vocab = tokenizer.get_vocab()
+        tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_types([1] * len(tokens))
+        merges = tokenizer.backend_tokenizer.to_str()
+        import json
 
-    m = json.loads(merges)["model"]["merges"]
-    w.add_token_merges([" ".join(x) if isinstance(x, list) else x for x in m])
-    w.add_bos_token_id(cfg.bos_token_id)
-    w.add_eos_token_id(cfg.eos_token_id)
+        m = json.loads(merges)["model"]["merges"]
+        w.add_token_merges([" ".join(x) if isinstance(x, list) else x for x in m])
+        w.add_bos_token_id(cfg.bos_token_id)
+        w.add_eos_token_id(cfg.eos_token_id)
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}

@@ -195,10 +195,16 @@ def test_bad_folders_give_clear_errors(tmp_path, calib_file, capsys):
     with pytest.raises(EsparseError, match="no 2-gpu"):
         load_ft(out, tp=2)
     ini = (folder / "config.ini").read_text()
+    sums = (folder / "checksums.sha256").read_text()
     (folder / "config.ini").write_text(ini.replace("num_layer = 2", "num_layer = 3"))
+    with pytest.raises(EsparseError, match="config.ini does not match its sha256"):  # format 2 covers config.ini
+        load_ft(out)
+    from esparse.format.ft_format import write_checksums
+
+    write_checksums(folder, [line.split("  ")[1] for line in sums.splitlines()])  # an edit with the sums redone
     with pytest.raises(EsparseError, match="missing"):
         load_ft(out)
-    (folder / "config.ini").write_text(ini.replace("format_version = 1", "format_version = 9"))
+    (folder / "config.ini").write_text(ini.replace("format_version = 2", "format_version = 9"))
     with pytest.raises(EsparseError, match="format_version 9"):
         load_ft(out)
     # tp that does not divide the kv heads (2) is refused before writing anything

@@ -31,7 +31,8 @@ def qwen2_family(monkeypatch):
 def _qwen2(path):
     torch.manual_seed(0)
     tok = make_tokenizer()
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    # + 1: loaded for a qwen2 model, the tokenizer gains Qwen2's <|endoftext|> (id 300), which must embed too
+    cfg = Qwen2Config(vocab_size=len(tok) + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       rope_theta=10000.0, tie_word_embeddings=False, use_sliding_window=False,
                       bos_token_id=1, eos_token_id=2)

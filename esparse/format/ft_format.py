@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import configparser
 import hashlib
+import logging
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +21,17 @@ import torch
 from esparse.devices import DTYPES
 from esparse.errors import EsparseError
 
-from .families import family
+from .families import ACTIVATIONS, GROUPS, MAX_POSITIONS, check_rope_scaling, family
 from .nm_pack import row_meta_bytes
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+# 2: config.ini names the activation, the biased linears and the rope scaling, and checksums.sha256 covers
+# config.ini too. Version 1 folders (none of these) still load: their config.ini is checked for sane values but
+# is not covered by a checksum, which the loader says in a warning.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MAX_M = 32  # the widest N:M group the format takes (5 index bits); sparse tensor cores take 2:4
 DTYPE_NAMES = DTYPES  # config.ini's dtype names (one table: esparse/devices.py)
 
 
@@ -46,13 +56,26 @@ class FTConfig:
     method: str = "dense"
     permuted: tuple[str, ...] = ()  # groups whose permutation was applied (attn_in, attn_out, mlp_in, mlp_out)
     extra: dict = field(default_factory=dict)
+    act: str = ""  # the MLP activation by its transformers name; "" = the family's default
+    biases: tuple[str, ...] = ()  # groups whose linears have a bias beyond those the family always has
+    rope_scaling: dict = field(default_factory=dict)  # {} or {"rope_type": "linear" | "llama3", "factor": ...}
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+    @property
+    def activation(self) -> str:
+        return self.act or family(self.arch).default_act
+
+    @property
+    def bias_groups(self) -> tuple[str, ...]:
+        """Every group whose linears have a bias (the family's fixed ones and the config's)."""
+        fixed = {f.group for f in family(self.arch).ft_linears if f.bias}
+        return tuple(g for g in GROUPS if g in fixed or g in self.biases)
 
     @property
     def nm(self) -> tuple[int, int] | None:
-        if not self.sparsity:
-            return None
-        n, m = self.sparsity.split(":")
-        return int(n), int(m)
+        return parse_nm(self.sparsity)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -91,7 +114,7 @@ class LinearSpec:
 def linear_specs(cfg: FTConfig, layer: int) -> list[LinearSpec]:
     p = f"model.layers.{layer}."
     return [LinearSpec(f"{p}{f.stem}.weight", cfg.size(f.k), tuple(cfg.size(x) for x in f.segments), f.parallel,
-                       f.group, f.hf, f.bias) for f in family(cfg.arch).ft_linears]
+                       f.group, f.hf, f.bias or f.group in cfg.biases) for f in family(cfg.arch).ft_linears]
 
 
 def replicated_specs(cfg: FTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -102,6 +125,9 @@ def replicated_specs(cfg: FTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     for i in range(cfg.n_layers):
         for ft, hf in fam.ft_layer_tensors.items():
             out[f"model.layers.{i}.{ft}"] = ((cfg.hidden,), f"{fam.decoder_path}.layers.{i}.{hf}")
+        for spec in linear_specs(cfg, i):  # row-parallel biases are added once after the reduction: stored whole
+            if spec.bias and spec.parallel == "row":
+                out[spec.bias_name] = ((spec.n,), f"{fam.decoder_path}.layers.{i}.{spec.hf[0]}.bias")
     out["model.lm_head.weight"] = ((cfg.vocab, cfg.hidden), "lm_head.weight")
     return out
 
@@ -149,6 +175,17 @@ def expected_files(cfg: FTConfig) -> dict[str, int]:
     return files
 
 
+def param_counts(cfg: FTConfig) -> tuple[int, int]:
+    """(values of the decoder linears, values of every other tensor) that a config implies, computed from one
+    layer (a config of 10^5 layers is sized without listing them)."""
+    fam = family(cfg.arch)
+    other = sum(_prod(tuple(cfg.size(d) for d in dims.split(" x "))) for dims, _ in fam.ft_tensors.values())
+    other += cfg.vocab * cfg.hidden  # lm_head
+    specs = linear_specs(cfg, 0)
+    per_layer = len(fam.ft_layer_tensors) * cfg.hidden + sum(s.n for s in specs if s.bias)
+    return cfg.n_layers * sum(s.n * s.k for s in specs), other + cfg.n_layers * per_layer
+
+
 def group_width(cfg: FTConfig, group: str) -> int:
     """Channels of a sharing group's input (the length of its permutation)."""
     return cfg.size(next(f.k for f in family(cfg.arch).ft_linears if f.group == group))
@@ -159,6 +196,66 @@ def _prod(shape) -> int:
     for s in shape:
         out *= s
     return out
+
+
+def parse_nm(text: str, where: str = "sparsity") -> tuple[int, int] | None:
+    """"N:M" -> (N, M) with 0 < N < M <= MAX_M; "" or "dense" -> None; anything else is refused, naming ``where``."""
+    if text in ("", "dense"):
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+    if not match:
+        raise EsparseError(f"{where} {text!r} is not N:M (e.g. 2:4 or 4:8)")
+    n, m = int(match[1]), int(match[2])
+    if not 0 < n < m <= MAX_M:
+        raise EsparseError(f"{where} {text!r} needs 0 < N < M <= {MAX_M} (keep N of every M weights)")
+    return n, m
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_config(cfg: FTConfig) -> None:
+    """Every value the runtime reads is one it implements and is sane: what config.ini (or a HF config on its way
+    to one) says is refused here, by field, before a tensor is allocated."""
+    def bad(key: str, value, why: str) -> EsparseError:
+        return EsparseError(f"config.ini: {key} = {value!r} {why}; the folder is corrupt or was edited: "
+                            "re-run esparse export")
+
+    family(cfg.arch)
+    for key in ("hidden", "n_heads", "n_kv", "head_dim", "inter", "n_layers", "vocab", "max_pos"):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad(key, value, "is not a positive integer")
+    if cfg.max_pos > MAX_POSITIONS:
+        raise bad("max_pos_seq_len", cfg.max_pos, f"is over esparse's limit of {MAX_POSITIONS} positions")
+    if cfg.n_heads % cfg.n_kv:
+        raise bad("kv_head_num", cfg.n_kv, f"does not divide head_num = {cfg.n_heads}")
+    if family(cfg.arch).rotary and cfg.head_dim % 2:
+        raise bad("size_per_head", cfg.head_dim, "is odd (rotary positions rotate pairs of channels)")
+    if not family(cfg.arch).rotary and cfg.n_heads * cfg.head_dim != cfg.hidden:
+        raise bad("head_num", cfg.n_heads, f"times size_per_head {cfg.head_dim} is not hidden_size {cfg.hidden}")
+    if not (_number(cfg.eps) and 0 < cfg.eps < 1):
+        raise bad("layernorm_eps", cfg.eps, "is not a number in (0, 1)")
+    if not (_number(cfg.rope_theta) and math.isfinite(cfg.rope_theta) and cfg.rope_theta > 0):
+        raise bad("rope_theta", cfg.rope_theta, "is not a positive finite number")
+    if cfg.dtype not in DTYPE_NAMES:
+        raise bad("weight_data_type", cfg.dtype, f"is not one of {', '.join(DTYPE_NAMES)}")
+    if cfg.tp not in (1, 2, 4, 8):
+        raise bad("tensor_para_size", cfg.tp, "is not 1, 2, 4 or 8")
+    parse_nm(cfg.sparsity, "config.ini: sparsity")
+    for key, groups in (("permuted", cfg.permuted), ("biases", cfg.biases)):
+        if not set(groups) <= set(GROUPS):
+            raise bad(key, ",".join(groups), f"names a group outside {', '.join(GROUPS)}")
+    if cfg.act and cfg.act not in ACTIVATIONS:
+        raise bad("activation", cfg.act, f"is not one of {', '.join(ACTIVATIONS)}")
+    if cfg.rope_scaling:
+        if not family(cfg.arch).rotary:
+            raise bad("rope_scaling_type", cfg.rope_scaling.get("rope_type"), f"is set for {cfg.arch} (no rotary)")
+        check_rope_scaling(cfg.rope_scaling, "config.ini: rope_scaling")
+    for key in ("start_id", "end_id"):
+        if getattr(cfg, key) < 0:
+            raise bad(key, getattr(cfg, key), "is negative")
 
 
 def check_tp(cfg: FTConfig) -> None:
@@ -176,8 +273,16 @@ def check_tp(cfg: FTConfig) -> None:
                 raise EsparseError(f"--tp {tp} splits the {what} ({k}) off the {cfg.sparsity} groups")
 
 
+ROPE_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _parser() -> configparser.ConfigParser:
+    # no interpolation: a value holding "%" (a model path) is text, never a reference
+    return configparser.ConfigParser(interpolation=None)
+
+
 def write_config(cfg: FTConfig, path: Path) -> None:
-    cp = configparser.ConfigParser()
+    cp = _parser()
     common = {"model_name": cfg.extra.get("model_name", cfg.arch), "head_num": cfg.n_heads,
               "size_per_head": cfg.head_dim, "hidden_size": cfg.hidden, "inter_size": cfg.inter,
               "num_layer": cfg.n_layers,
@@ -185,27 +290,51 @@ def write_config(cfg: FTConfig, path: Path) -> None:
               "weight_data_type": cfg.dtype, "tensor_para_size": cfg.tp, "max_pos_seq_len": cfg.max_pos,
               "layernorm_eps": cfg.eps}
     common.update(family(cfg.arch).ft_extra(cfg))
+    common.update({f"rope_scaling_{k.removeprefix('rope_')}": cfg.rope_scaling[k] for k in ROPE_KEYS
+                   if k in cfg.rope_scaling})
     cp[cfg.section] = {k: str(v) for k, v in common.items()}
     cp["esparse"] = {"format_version": str(FORMAT_VERSION), "arch": cfg.arch,
                      "sparsity": cfg.sparsity or "dense",
                      "method": cfg.method, "permuted": ",".join(cfg.permuted),
-                     "sparse_linears": "all" if cfg.sparsity else "none"}
+                     "sparse_linears": "all" if cfg.sparsity else "none",
+                     "activation": cfg.activation, "biases": ",".join(cfg.bias_groups)}
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         cp.write(f)
     tmp.rename(path)
 
 
+def _rope_scaling(sec) -> dict:
+    out: dict = {}
+    for key in ROPE_KEYS:
+        value = sec.get(f"rope_scaling_{key.removeprefix('rope_')}")
+        if value is not None:
+            out[key] = value if key == "rope_type" else (int(value) if key.startswith("original") else float(value))
+    return out
+
+
 def read_config(path: Path) -> FTConfig:
+    """config.ini, its checksum verified first (format 2) and every value checked (:func:`check_config`)."""
+    path = Path(path)
     if not path.is_file():
         raise EsparseError(f"{path} is missing: not an esparse/FasterTransformer folder")
-    cp = configparser.ConfigParser()
     try:
-        cp.read(path)
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EsparseError(f"cannot read {path} ({e}): re-export the model or fix the file's permissions") from e
+    cp = _parser()
+    try:
+        cp.read_string(text, str(path))
         es = cp["esparse"]
-        if int(es["format_version"]) != FORMAT_VERSION:
+        version = int(es["format_version"])
+        if version not in READABLE_VERSIONS:
             raise EsparseError(f"{path} has format_version {es['format_version']}; this esparse reads "
-                               f"{FORMAT_VERSION}: re-export the model")
+                               f"{', '.join(map(str, READABLE_VERSIONS))}: re-export the model")
+        if version >= 2:
+            verify_checksums(path.parent, [path.name], required=True)
+        else:
+            log.warning("%s is format_version 1: config.ini is not covered by a checksum (re-export to cover it)",
+                        path)
         arch = es["arch"]
         sec = cp[family(arch).ft_section]
         return FTConfig(
@@ -218,9 +347,12 @@ def read_config(path: Path) -> FTConfig:
             end_id=int(sec["end_id"]), sparsity="" if es["sparsity"] == "dense" else es["sparsity"],
             method=es["method"], permuted=tuple(p for p in es["permuted"].split(",") if p),
             extra={"model_name": sec.get("model_name", arch)},
+            act=es.get("activation", ""), biases=tuple(b for b in es.get("biases", "").split(",") if b),
+            rope_scaling=_rope_scaling(sec),
         )
     except (KeyError, ValueError, configparser.Error) as e:
-        raise EsparseError(f"{path} is not a valid esparse config.ini ({e}): re-export the model") from e
+        raise EsparseError(f"{path} is not a valid esparse config.ini ({type(e).__name__}: {e}): "
+                           "re-export the model") from e
 
 
 CHECKSUMS_FILE = "checksums.sha256"
@@ -234,30 +366,54 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_checksums(folder: Path, names: list[str]) -> None:
-    """One ``<sha256>  <file>`` line per tensor file (sha256sum's format), so a flipped byte is caught at load."""
+def write_checksums(folder: Path, names: list[str], manifest: str = CHECKSUMS_FILE) -> None:
+    """One ``<sha256>  <file>`` line per file (sha256sum's format), so a flipped byte is caught at load. An
+    exported folder lists every tensor file and config.ini (format 2)."""
     lines = [f"{file_sha256(Path(folder) / n)}  {n}\n" for n in sorted(names)]
-    (Path(folder) / CHECKSUMS_FILE).write_text("".join(lines))
+    tmp = Path(folder) / f".{manifest}.tmp"
+    tmp.write_text("".join(lines))
+    tmp.rename(Path(folder) / manifest)
 
 
-def verify_checksums(folder: Path, names: list[str]) -> bool:
-    """Check every tensor file against the folder's checksum file; False when the folder has none (older
-    exports). Raises on a mismatch, a tensor file the manifest does not list, or a malformed manifest."""
-    manifest = Path(folder) / CHECKSUMS_FILE
-    if not manifest.is_file():
-        return False
+def read_manifest(folder: Path, manifest: str = CHECKSUMS_FILE) -> dict[str, str] | None:
+    """name -> sha256 of a checksum file, or None when the folder has none; a malformed one is refused."""
+    path = Path(folder) / manifest
+    if not path.is_file():
+        return None
     sums: dict[str, str] = {}
-    for i, line in enumerate(manifest.read_text(errors="replace").splitlines(), 1):
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        raise EsparseError(f"cannot read {path} ({e}): fix its permissions or re-run esparse export") from e
+    for i, line in enumerate(text.splitlines(), 1):
         digest, _, name = line.partition("  ")
-        if len(digest) != 64 or not name:
-            raise EsparseError(f"{manifest}:{i} is not '<sha256>  <file>': the manifest is corrupt; "
+        if len(digest) != 64 or not name or "/" in name:
+            raise EsparseError(f"{path}:{i} is not '<sha256>  <file>': the manifest is corrupt; "
                                "re-run esparse export")
         sums[name] = digest
+    return sums
+
+
+def verify_checksums(folder: Path, names: list[str], manifest: str = CHECKSUMS_FILE, required: bool = False) -> bool:
+    """Check every named file against the folder's checksum file; False when the folder has none (older
+    exports) unless ``required``. Raises on a mismatch, a file the manifest does not list, or a malformed
+    manifest."""
+    where = Path(folder) / manifest
+    sums = read_manifest(folder, manifest)
+    if sums is None:
+        if required:
+            raise EsparseError(f"{where} is missing: the folder was changed after export; re-run esparse export")
+        return False
     for n in names:
         if n not in sums:
-            raise EsparseError(f"{manifest} does not list {n}: the folder was changed after export; "
+            raise EsparseError(f"{where} does not list {n}: the folder was changed after export; "
                                "re-run esparse export")
-        if file_sha256(Path(folder) / n) != sums[n]:
-            raise EsparseError(f"{Path(folder) / n} does not match its sha256 in {CHECKSUMS_FILE}: the file is corrupt "
-                               "(a flipped byte is never served); re-run esparse export or restore the file")
+        try:
+            digest = file_sha256(Path(folder) / n)
+        except OSError as e:
+            raise EsparseError(f"cannot read {Path(folder) / n} ({e.strerror or e}): fix its permissions or "
+                               "re-run esparse export") from e
+        if digest != sums[n]:
+            raise EsparseError(f"{Path(folder) / n} does not match its sha256 in {manifest}: the file is corrupt or "
+                               "was edited (a changed byte is never served); re-run esparse export or restore it")
     return True

@@ -21,6 +21,7 @@ from .ft_format import (
     FTConfig,
     LinearSpec,
     expected_files,
+    group_width,
     linear_specs,
     perm_names,
     rank_k,
@@ -88,8 +89,22 @@ def validate(folder: Path, cfg: FTConfig) -> dict[str, int]:
 
 
 def _read(path: Path, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    raw = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+    try:
+        raw = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+    except OSError as e:
+        raise EsparseError(f"cannot read {path} ({e.strerror or e}): fix its permissions or re-run esparse "
+                           "export") from e
     return raw.view(dtype).reshape(shape).clone()
+
+
+def check_perm(perm: torch.Tensor, width: int, where: Path) -> torch.Tensor:
+    """A stored channel permutation must hold each of 0..width-1 exactly once: a repeated, negative or too large
+    entry would make a norm gather the wrong channels (a silently different model) or index out of range."""
+    if perm.numel() != width or not torch.equal(perm.sort().values, torch.arange(width, dtype=perm.dtype)):
+        bad = "out-of-range" if bool(((perm < 0) | (perm >= width)).any()) else "repeated"
+        raise EsparseError(f"{where} is not a permutation of {width} channels ({bad} entries): the file is corrupt "
+                           "or was edited; re-run esparse export")
+    return perm
 
 
 def _merge_rows(parts: list[torch.Tensor], spec: LinearSpec, tp: int) -> torch.Tensor:
@@ -152,7 +167,8 @@ class FTFolder:
                     out.biases[bname] = out.tensors.pop(bname)
         for group, stem in perm_names(cfg, i).items():
             if group in cfg.permuted:
-                out.perms[group] = self._file(stem, torch.int32, (-1,)).long()
+                perm = self._file(stem, torch.int32, (-1,)).long()
+                out.perms[group] = check_perm(perm, group_width(cfg, group), self.folder / f"{stem}.bin")
         return out
 
     def _dense(self, spec: LinearSpec) -> torch.Tensor:

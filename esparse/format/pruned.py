@@ -12,6 +12,8 @@ import torch
 
 from esparse.errors import EsparseError
 
+from .ft_format import parse_nm
+
 PRUNED_FORMAT_VERSION = 1
 META_FILE = "esparse.json"
 PERMS_FILE = "esparse_perms.safetensors"
@@ -25,13 +27,16 @@ def read_prune_meta(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None
     if not meta_path.is_file():
         return None
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise EsparseError(f"{meta_path} is not valid JSON: re-run esparse prune") from e
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EsparseError(f"{meta_path} is not readable JSON ({e}): re-run esparse prune") from e
     if not isinstance(meta, dict) or meta.get("format_version") != PRUNED_FORMAT_VERSION:
         got = meta.get("format_version") if isinstance(meta, dict) else type(meta).__name__
         raise EsparseError(f"{meta_path} has format_version {got}, expected {PRUNED_FORMAT_VERSION}: "
                            "re-run esparse prune")
+    parse_nm(str(meta.get("pattern", "")), f"{meta_path}: pattern")
+    if not isinstance(meta.get("method", "dense"), str):
+        raise EsparseError(f"{meta_path}: method {meta.get('method')!r} is not a name: re-run esparse prune")
     perms_path = Path(folder) / PERMS_FILE
     if not perms_path.is_file():
         cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
@@ -40,4 +45,9 @@ def read_prune_meta(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None
                                f"N:M only in the shuffled order. Copy the file back from the prune output or "
                                "re-run esparse prune")
         return meta, {}
-    return meta, load_file(str(perms_path))
+    try:
+        return meta, load_file(str(perms_path))
+    except Exception as e:  # safetensors raises its own error types on a corrupt header or truncated data
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise EsparseError(f"{perms_path} is corrupt ({type(e).__name__}: {first}): copy it back from the prune "
+                           "output or re-run esparse prune") from e
