@@ -31,3 +31,20 @@ def model_dir(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory) -> Path:
     return save_model("llama", tmp_path_factory.mktemp("llama") / "model")
+
+
+@pytest.fixture(scope="module", params=["llama", "opt"])
+def pruned_export(tmp_path_factory, request) -> Path:
+    """A pruned (2:4 on the GPU), exported tiny model of each family, for the GPU tests. OPT has biases on
+    every linear and a ReLU after w1, so bias and activation paths are exercised through the runtime."""
+    from esparse.cli import main
+
+    root = tmp_path_factory.mktemp(f"gpu-rt-{request.param}")
+    calib = write_text(root / "calib.txt")
+    kw = dict(num_key_value_heads=2) if request.param == "llama" else dict(word_embed_proj_dim=256)
+    src = save_model(request.param, root / "src", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                     **kw)
+    assert main(["prune", str(src), "--calib", str(calib), "--out", str(root / "p"), "--nsamples", "4",
+                 "--seqlen", "32", "--device", "cuda"]) == 0
+    assert main(["export", str(root / "p"), "--out", str(root / "ft")]) == 0
+    return root / "ft"

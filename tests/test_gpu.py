@@ -242,25 +242,6 @@ def test_private_cusparselt_beside_torchs(tmp_path):
     print(out.stdout)
 
 
-@pytest.fixture(scope="module", params=["llama", "opt"])
-def pruned_export(tmp_path_factory, request):
-    """A pruned, exported tiny model of each family (OPT: biases on every linear and the ReLU fused into w1's
-    epilogue, so the plugin's bias and activation plans are exercised through the runtime)."""
-    from esparse.cli import main
-
-    from helpers import save_model, write_text
-
-    root = tmp_path_factory.mktemp(f"gpu-rt-{request.param}")
-    calib = write_text(root / "calib.txt")
-    kw = dict(num_key_value_heads=2) if request.param == "llama" else dict(word_embed_proj_dim=256)
-    src = save_model(request.param, root / "src", hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                     **kw)
-    assert main(["prune", str(src), "--calib", str(calib), "--out", str(root / "p"), "--nsamples", "4",
-                 "--seqlen", "32", "--device", "cuda"]) == 0
-    assert main(["export", str(root / "p"), "--out", str(root / "ft")]) == 0
-    return root / "ft"
-
-
 def test_runtime_sparse_matches_dense_and_graph_matches_eager(pruned_export):
     _ops()
     from esparse.python_api import load_decoder

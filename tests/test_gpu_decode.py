@@ -91,30 +91,13 @@ def test_decode_attention_matches_sdpa(b, h, hkv, s, d):
     assert (got.float() - ref).abs().max().item() <= 2e-2
 
 
-@pytest.fixture(scope="module", params=["llama", "opt"])
-def export_24(tmp_path_factory, request):
-    from esparse.cli import main
-
-    from helpers import save_model, write_text
-
-    root = tmp_path_factory.mktemp(f"gpu-dec-{request.param}")
-    calib = write_text(root / "calib.txt")
-    kw = dict(num_key_value_heads=2) if request.param == "llama" else dict(word_embed_proj_dim=256)
-    src = save_model(request.param, root / "src", hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                     **kw)
-    assert main(["prune", str(src), "--calib", str(calib), "--out", str(root / "p"), "--nsamples", "4",
-                 "--seqlen", "32", "--device", "cuda"]) == 0
-    assert main(["export", str(root / "p"), "--out", str(root / "ft")]) == 0
-    return root / "ft"
-
-
 @pytest.mark.parametrize("backend", ["sparse", "torch"])
-def test_compiled_graphed_step_matches_eager_and_fp32(export_24, backend):
+def test_compiled_graphed_step_matches_eager_and_fp32(pruned_export, backend):
     from esparse.python_api import load_decoder
     from esparse.python_api.generate import generate
 
-    ref = load_decoder(export_24, device="cuda", dtype=torch.float32, backend="torch")
-    model = load_decoder(export_24, device="cuda", dtype=torch.float16, backend=backend)
+    ref = load_decoder(pruned_export, device="cuda", dtype=torch.float32, backend="torch")
+    model = load_decoder(pruned_export, device="cuda", dtype=torch.float16, backend=backend)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]]
     eager = generate(model, prompts, 32)
     model.compile_decode()
