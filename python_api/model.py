@@ -230,7 +230,7 @@ class Transformer(nn.Module):
         if isinstance(start, int):
             start = torch.full((b,), start, dtype=torch.long, device=ids.device)
         pos = start.expand(b)[:, None] + torch.arange(t, device=ids.device)  # [B, T]
-        step = self._decode_fn if t == 1 and self._decode_fn is not None else self._layers
+        step = self._decode_fn if t == 1 and not prefill and self._decode_fn is not None else self._layers
         x = step(ids, pos, cache.k, cache.v, prefill)
         if not all_logits:
             x = x[:, -1:]
