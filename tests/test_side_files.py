@@ -138,3 +138,29 @@ def test_a_format_1_folder_still_loads_with_a_warning(ft, capsys, caplog):
     with caplog.at_level("WARNING"):
         rc, _ = _generate(ft, capsys)
     assert rc == 0 and "format_version 1: config.ini is not covered by a checksum" in caplog.text
+
+
+def test_a_tensor_parallel_rank_checks_its_permutations_too(tmp_path, calib_file):
+    """The per-rank reader (esparse/format/ft_shard.py) refuses a repeated permutation entry as the one-device
+    loader does; and an OPT rank's config (heads / tp) is a valid config."""
+    from esparse.errors import EsparseError
+    from esparse.format.ft_shard import FTShard, local_config
+
+    src = save_model("llama", tmp_path / "src")
+    assert main(["prune", str(src), "--calib", str(calib_file), "--out", str(tmp_path / "p"), "--nsamples", "2",
+                 "--seqlen", "16", "--device", "cpu"]) == 0
+    assert main(["export", str(tmp_path / "p"), "--out", str(tmp_path / "ft"), "--tp", "2", "--dtype", "fp32"]) == 0
+    folder = tmp_path / "ft" / "2-gpu"
+    FTShard(tmp_path / "ft", 2, 1).layer(1)  # intact: reads
+    f = folder / "model.layers.1.post_attention_layernorm.perm.bin"
+    p = np.fromfile(f, dtype=np.int32)
+    p[3] = p[2]
+    p.tofile(f)
+    _resum(folder)
+    with pytest.raises(EsparseError, match="is not a permutation of 64 channels"):
+        FTShard(tmp_path / "ft", 2, 1).layer(1)
+    from esparse.format.ft_format import FTConfig
+
+    opt = FTConfig(arch="opt", hidden=64, n_heads=4, n_kv=4, head_dim=16, inter=128, n_layers=2, vocab=300,
+                   max_pos=128, eps=1e-5, tp=2)
+    assert local_config(opt).n_heads == 2

@@ -233,8 +233,6 @@ def check_config(cfg: FTConfig) -> None:
         raise bad("kv_head_num", cfg.n_kv, f"does not divide head_num = {cfg.n_heads}")
     if family(cfg.arch).rotary and cfg.head_dim % 2:
         raise bad("size_per_head", cfg.head_dim, "is odd (rotary positions rotate pairs of channels)")
-    if not family(cfg.arch).rotary and cfg.n_heads * cfg.head_dim != cfg.hidden:
-        raise bad("head_num", cfg.n_heads, f"times size_per_head {cfg.head_dim} is not hidden_size {cfg.hidden}")
     if not (_number(cfg.eps) and 0 < cfg.eps < 1):
         raise bad("layernorm_eps", cfg.eps, "is not a number in (0, 1)")
     if not (_number(cfg.rope_theta) and math.isfinite(cfg.rope_theta) and cfg.rope_theta > 0):

@@ -31,6 +31,7 @@ from .ft_format import (
     LinearSpec,
     check_tp,
     expected_files,
+    group_width,
     linear_specs,
     perm_names,
     rank_k,
@@ -39,7 +40,7 @@ from .ft_format import (
     replicated_specs,
     verify_checksums,
 )
-from .ft_loader import LayerWeights, resolve_folder
+from .ft_loader import LayerWeights, check_perm, resolve_folder
 from .nm_pack import PackedNM, check_packed
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,11 @@ class FTShard:
         else:
             row = torch.empty((), dtype=dtype).element_size() * int(np.prod(shape[1:], dtype=np.int64))
             count, offset = row * shape[0], row * first_row
-        raw = np.fromfile(self.folder / f"{name}.bin", dtype=np.uint8, count=count, offset=offset)
+        try:
+            raw = np.fromfile(self.folder / f"{name}.bin", dtype=np.uint8, count=count, offset=offset)
+        except OSError as e:
+            raise EsparseError(f"cannot read {self.folder / name}.bin ({e.strerror or e}): fix its permissions or "
+                               "re-run esparse export") from e
         return torch.from_numpy(raw).view(dtype).reshape(shape).clone()
 
     def model_tensors(self) -> dict[str, torch.Tensor]:
@@ -168,5 +173,6 @@ class FTShard:
                     out.biases[bname] = whole if r == 0 else torch.zeros_like(whole)
         for group, stem in perm_names(cfg, i).items():
             if group in cfg.permuted:
-                out.perms[group] = self._read(stem, torch.int32, (-1,)).long()
+                perm = self._read(stem, torch.int32, (-1,)).long()
+                out.perms[group] = check_perm(perm, group_width(cfg, group), self.folder / f"{stem}.bin")
         return out
