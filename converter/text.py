@@ -87,6 +87,7 @@ def _json_lines(path: Path, raw: str) -> bool:
         return False
     return isinstance(obj, dict) and "text" in obj
 
+
 _DOC_TAG = re.compile(r"<doc[^>]*>|</doc>")
 
 
