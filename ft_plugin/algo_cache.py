@@ -124,6 +124,9 @@ class AlgoCache:
             try:
                 with os.fdopen(fd, "w") as f:
                     f.write(body)
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the cache gets the modes any file gets
                 os.replace(tmp, self.path)
             finally:
                 with contextlib.suppress(FileNotFoundError):
