@@ -176,8 +176,8 @@ def _bucket(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) per M bucket, chosen by measurement (docs/gpu_path.md);
-# overridden per (N, K, bucket) by ESPARSE_NM24_TILES-free tuning in tune_tiles().
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) per M bucket: starting points, not yet measured on a GPU;
+# set_tiles() overrides one (N, K, bucket) (bench/gemm.py --sweep times the candidates).
 _DEFAULT_TILES = {1: (8, 512, 4, 3), 2: (8, 512, 4, 3), 4: (8, 256, 4, 3), 8: (16, 256, 4, 3),
                   16: (32, 128, 4, 4), 32: (32, 128, 4, 4), 64: (64, 128, 4, 4)}
 _TILES: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}

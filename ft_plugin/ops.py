@@ -8,7 +8,9 @@ it is not there; on 0.8.x every plan runs the default algorithm (see :mod:`espar
 
 from __future__ import annotations
 
+import itertools
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -101,7 +103,7 @@ class SparseWeight:
         self.gpu = gpu_key(torch.cuda.get_device_name(weight.device))
         self.tuned = bool(self.obj.tuned())
         self.ready: set[int] = set()
-        self.handle = len(_WEIGHTS)
+        self.handle = next(_HANDLES)
         _WEIGHTS[self.handle] = self
 
     def nbytes(self) -> int:
@@ -146,7 +148,9 @@ def sparse_linear(x: torch.Tensor, w: SparseWeight, bias: torch.Tensor | None = 
 
 
 # The weights the traceable op can name: torch.compile passes plain ints through a graph, not script objects.
-_WEIGHTS: dict[int, SparseWeight] = {}
+# Weak: a model that is dropped frees its compressed weights (a plain dict kept every weight of every model).
+_WEIGHTS: weakref.WeakValueDictionary[int, SparseWeight] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
 
 
 @torch.library.custom_op("esparse::cusparselt_linear", mutates_args=())

@@ -113,3 +113,11 @@ def write_text(path: Path, repeats: int = 20) -> Path:
         lines.append(" ".join(words[i] for i in idx))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def one_error(capsys) -> str:
+    """The single `esparse: error:` line a failed command printed (no traceback, no second error line)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("esparse: error:"), err[-2000:]
+    return lines[0]

@@ -11,7 +11,7 @@ from esparse.cli import main
 from esparse.converter.ppl import perplexity
 from esparse.converter.text import calibration_windows, eval_windows, read_documents
 
-from helpers import make_model, save_model
+from helpers import make_model, one_error, save_model
 
 
 def _prune(model, calib, out, *extra):
@@ -127,13 +127,6 @@ def test_perplexity_equals_mean_token_nll():
 # surprises (a silently disabled LBS, plain text read as JSON lines).
 
 
-def _one_error(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if "error" in line.lower()]
-    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("esparse: error:"), err[-2000:]
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def pruned_llama(tmp_path_factory, calib_file):
     root = tmp_path_factory.mktemp("pl")
@@ -162,13 +155,13 @@ def test_arguments_that_used_to_end_in_a_traceback(argv, named, capsys):
 def test_patterns_that_used_to_end_in_a_traceback(llama_dir, pattern, named, tmp_path, calib_file, capsys):
     capsys.readouterr()
     assert _prune(llama_dir, calib_file, tmp_path / "out", "--pattern", pattern) == 2
-    assert named in _one_error(capsys) and not (tmp_path / "out").exists()
+    assert named in one_error(capsys) and not (tmp_path / "out").exists()
 
 
 def test_block_smaller_than_two_groups_is_refused_not_silently_off(llama_dir, tmp_path, calib_file, capsys):
     capsys.readouterr()
     assert _prune(llama_dir, calib_file, tmp_path / "out", "--block", "3") == 2
-    assert "--block 3" in _one_error(capsys) and not (tmp_path / "out").exists()
+    assert "--block 3" in one_error(capsys) and not (tmp_path / "out").exists()
     assert _prune(llama_dir, calib_file, tmp_path / "out", "--block", "3", "--lbs", "off") == 0
 
 
@@ -198,7 +191,7 @@ def test_a_tokenizer_with_more_ids_than_the_embedding_is_refused(llama_dir, tmp_
     argv = (["prune", str(src), "--calib", str(calib_file), "--out", str(tmp_path / "out"), "--device", "cpu"]
             if command == "prune" else ["ppl", str(src), "--text", str(calib_file), "--device", "cpu"])
     assert main(argv) == 2
-    assert "has ids up to 299, but the model embeds only 200 tokens" in _one_error(capsys)
+    assert "has ids up to 299, but the model embeds only 200 tokens" in one_error(capsys)
     assert not (tmp_path / "out").exists()
 
 
@@ -229,7 +222,7 @@ def test_a_junk_pattern_in_esparse_json_is_one_line(pruned_llama, tmp_path, patt
     (p / "esparse.json").write_text(json.dumps(meta))
     capsys.readouterr()
     assert main(["export", str(p), "--out", str(tmp_path / "ft")]) == 2
-    line = _one_error(capsys)
+    line = one_error(capsys)
     assert "esparse.json: pattern" in line and repr(pattern) in line and not (tmp_path / "ft").exists()
 
 
@@ -240,7 +233,7 @@ def test_a_corrupt_permutations_file_is_one_line(pruned_llama, tmp_path, capsys)
     f.write_bytes(f.read_bytes()[:100])
     capsys.readouterr()
     assert main(["export", str(p), "--out", str(tmp_path / "ft")]) == 2
-    assert "esparse_perms.safetensors is corrupt" in _one_error(capsys) and not (tmp_path / "ft").exists()
+    assert "esparse_perms.safetensors is corrupt" in one_error(capsys) and not (tmp_path / "ft").exists()
 
 
 @pytest.mark.parametrize("command", ["prune", "ppl", "export", "convert-gguf"])
@@ -254,7 +247,7 @@ def test_a_gguf_with_a_bad_magic_is_one_line(tmp_path, calib_file, command, caps
             "convert-gguf": ["convert-gguf", str(bad), "--out", str(tmp_path / "o")]}[command]
     capsys.readouterr()
     assert main(argv) == 2
-    assert "is not a readable GGUF file" in _one_error(capsys) and not (tmp_path / "o").exists()
+    assert "is not a readable GGUF file" in one_error(capsys) and not (tmp_path / "o").exists()
 
 
 def test_an_unreadable_exported_file_is_one_line(pruned_llama, tmp_path, capsys, monkeypatch):
@@ -272,7 +265,7 @@ def test_an_unreadable_exported_file_is_one_line(pruned_llama, tmp_path, capsys,
     monkeypatch.setattr(ft_format, "open", no_permission, raising=False)
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "ft"), "--prompt", "hi", "--device", "cpu"]) == 2
-    line = _one_error(capsys)
+    line = one_error(capsys)
     assert f"cannot read {victim} (Permission denied)" in line
 
 

@@ -12,14 +12,7 @@ from esparse import limits
 from esparse.cli import main
 from esparse.converter import text
 
-from helpers import make_model, save_model
-
-
-def _one_error(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if "error" in line.lower()]
-    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("esparse: error:"), err[-2000:]
-    return lines[0]
+from helpers import make_model, one_error, save_model
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +35,7 @@ def test_more_samples_than_the_text_holds_is_refused(llama, tmp_path, calib_file
     t0 = time.perf_counter()
     capsys.readouterr()
     assert _prune(llama, calib_file, tmp_path / "out", "--nsamples", "10000000") == 2
-    line = _one_error(capsys)  # the calibration activations' memory, or else the text's distinct windows
+    line = one_error(capsys)  # the calibration activations' memory, or else the text's distinct windows
     assert "--nsamples 10000000" in line and "lower --nsamples" in line
     assert time.perf_counter() - t0 < 60 and not (tmp_path / "out").exists()
 
@@ -51,7 +44,7 @@ def test_calibration_activations_that_cannot_fit_are_refused(llama, tmp_path, ca
     monkeypatch.setattr(limits, "free_memory", lambda device: 1 << 10)  # 1 KiB free
     capsys.readouterr()
     assert _prune(llama, calib_file, tmp_path / "out", "--nsamples", "8") == 2
-    line = _one_error(capsys)
+    line = one_error(capsys)
     assert "calibration activations of --nsamples 8 x --seqlen 16 (hidden size 64) need 0.1 MiB" in line
     assert "lower --nsamples or --seqlen" in line and not (tmp_path / "out").exists()
 
@@ -61,7 +54,7 @@ def test_a_model_of_100000_layers_is_refused_before_it_is_built(tmp_path, capsys
     capsys.readouterr()
     assert main(["bench", "--shape", "llama-7b", "--layers", "100000", "--backends", "torch",
                  "--out", str(tmp_path / "b")]) == 2
-    line = _one_error(capsys)
+    line = one_error(capsys)
     assert "the 100000-layer model's weights need" in line and "GiB free" in line
     assert time.perf_counter() - t0 < 30 and not (tmp_path / "b").exists()
 
@@ -73,12 +66,12 @@ def test_a_kv_cache_that_cannot_fit_is_refused(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "ft"), "--prompt", "the fox", "--max-new-tokens", "100000",
                  "--device", "cpu"]) == 2
-    line = _one_error(capsys)
+    line = one_error(capsys)
     assert "the KV cache of 1 x 10000" in line and "lower --max-new-tokens" in line
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "ft"), "--prompt", "the fox", "--max-new-tokens", str(1 << 20),
                  "--device", "cpu"]) == 2
-    assert "exceed the model's 1048576 positions" in _one_error(capsys)
+    assert "exceed the model's 1048576 positions" in one_error(capsys)
 
 
 def test_a_position_count_of_10_12_in_config_ini_is_refused(tmp_path, capsys):
@@ -92,7 +85,7 @@ def test_a_position_count_of_10_12_in_config_ini_is_refused(tmp_path, capsys):
     write_checksums(folder, list(read_manifest(folder)))  # even with the checksums redone
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "ft"), "--prompt", "the fox", "--device", "cpu"]) == 2
-    assert f"max_pos_seq_len = {10**12} is over esparse's limit of 16777216 positions" in _one_error(capsys)
+    assert f"max_pos_seq_len = {10**12} is over esparse's limit of 16777216 positions" in one_error(capsys)
 
 
 def test_a_text_over_the_size_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):

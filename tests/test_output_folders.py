@@ -16,18 +16,11 @@ import pytest
 from esparse.cli import main
 from esparse.converter import fsutil
 
-from helpers import save_model
+from helpers import one_error, save_model
 
 
 def _tree(folder) -> dict:
     return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
-
-
-def _one_error(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if "error" in line.lower()]
-    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("esparse: error:"), err[-2000:]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +56,7 @@ def test_overwrite_never_deletes_a_folder_esparse_did_not_write(llama, tmp_path,
                  ["export", str(llama), "--out", str(mine / "other_model"), "--overwrite"]):
         capsys.readouterr()
         assert main(argv) == 2
-        assert "--overwrite replaces only esparse's own outputs" in _one_error(capsys)
+        assert "--overwrite replaces only esparse's own outputs" in one_error(capsys)
         assert _tree(tmp_path) == before
 
 
@@ -105,7 +98,7 @@ def test_an_output_that_cannot_be_written_is_found_before_the_work(llama, tmp_pa
     argv = (["prune", str(llama), "--calib", str(calib_file), "--out", str(out), "--device", "cpu"]
             if command == "prune" else ["export", str(llama), "--out", str(out)])
     assert main(argv) == 2
-    assert named in _one_error(capsys)
+    assert named in one_error(capsys)
     assert _tree(tmp_path) == before
 
 
@@ -124,7 +117,7 @@ def test_a_write_error_mid_way_is_one_line_and_leaves_nothing(llama, tmp_path, c
     monkeypatch.setattr(ft_export, "write_tensor", disk_fills)
     capsys.readouterr()
     assert main(["export", str(llama), "--out", str(tmp_path / "ft")]) == 2
-    line = _one_error(capsys)
+    line = one_error(capsys)
     assert "No space left on device" in line and "free some disk space" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -143,7 +136,7 @@ def test_out_dot_writes_the_current_folder_and_leaves_no_temporary(llama, tmp_pa
     monkeypatch.chdir(tmp_path / "notes")
     capsys.readouterr()
     assert main(["export", str(llama), "--out", ".", "--overwrite"]) == 2
-    assert "esparse did not write" in _one_error(capsys)
+    assert "esparse did not write" in one_error(capsys)
     assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["todo.txt"]
 
 
@@ -196,7 +189,7 @@ def test_an_output_another_run_finished_meanwhile_is_not_replaced(llama, tmp_pat
     monkeypatch.setattr(ft_export, "write_checksums", other_run_finishes_first)
     capsys.readouterr()
     assert main(["export", str(llama), "--out", str(out)]) == 2
-    assert "was written by another run while this one worked" in _one_error(capsys)
+    assert "was written by another run while this one worked" in one_error(capsys)
     assert sorted(p.name for p in out.iterdir()) == [fsutil.MARKER, "from_the_other_run"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft"]
 

@@ -68,8 +68,8 @@ def resolve_folder(path: Path, tp: int | None = None) -> Path:
     raise EsparseError(f"{path} holds several tp sizes ({', '.join(p.name for p in subs)}): pick one with --tp")
 
 
-def validate(folder: Path, cfg: FTConfig) -> dict[str, int]:
-    want = expected_files(cfg)
+def check_sizes(folder: Path, cfg: FTConfig, want: dict[str, int]) -> None:
+    """Every file of ``want`` (name -> bytes) is there with the size config.ini implies."""
     for name, size in want.items():
         f = folder / name
         if not f.is_file():
@@ -79,6 +79,11 @@ def validate(folder: Path, cfg: FTConfig) -> dict[str, int]:
         if actual != size:
             raise EsparseError(f"{f} has {actual} bytes, config.ini implies {size}: the file is truncated or "
                                "belongs to another model; re-run esparse export")
+
+
+def validate(folder: Path, cfg: FTConfig) -> dict[str, int]:
+    want = expected_files(cfg)
+    check_sizes(folder, cfg, want)
     extra = sorted(p.name for p in folder.glob("*.bin") if p.name not in want)
     if extra:
         raise EsparseError(f"{folder} holds files config.ini does not describe (e.g. {extra[0]}): it mixes "

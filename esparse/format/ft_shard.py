@@ -40,7 +40,7 @@ from .ft_format import (
     replicated_specs,
     verify_checksums,
 )
-from .ft_loader import LayerWeights, check_perm, resolve_folder
+from .ft_loader import LayerWeights, check_perm, check_sizes, resolve_folder
 from .nm_pack import PackedNM, check_packed
 
 log = logging.getLogger(__name__)
@@ -108,15 +108,7 @@ class FTShard:
 
     def _check_files(self) -> None:
         mine = rank_files(self.full_cfg, self.rank)
-        for name, size in mine.items():
-            f = self.folder / name
-            if not f.is_file():
-                raise EsparseError(f"{f} is missing (config.ini with tp={self.tp}, "
-                                   f"{self.full_cfg.sparsity or 'dense'} expects it): the export is incomplete, "
-                                   "re-run esparse export")
-            if f.stat().st_size != size:
-                raise EsparseError(f"{f} has {f.stat().st_size} bytes, config.ini implies {size}: the file is "
-                                   "truncated or belongs to another model; re-run esparse export")
+        check_sizes(self.folder, self.full_cfg, mine)
         if not verify_checksums(self.folder, list(mine)) and self.rank == 0:
             log.warning("%s has no %s (exported before checksums): its files are not verified", self.folder,
                         CHECKSUMS_FILE)
