@@ -113,7 +113,13 @@ class TPSession:
         """Leave the process group: after a barrier, so that no rank closes its connections while another is
         still inside the last collective. After a failure only the process exit tears it down (destroying a
         NCCL group whose peer is gone can block)."""
-        if not (clean and self.owns_group and dist.is_initialized()):
+        if not (self.owns_group and dist.is_initialized()):
+            return
+        if not clean:
+            if dist.get_backend(self.group) == "gloo":
+                # Destroyed here, the group's threads are joined; left to the interpreter's exit, a gloo thread
+                # can still be running when its C++ object dies, and the process aborts instead of exiting 2.
+                dist.destroy_process_group()
             return
         try:
             dist.barrier(group=self.group)
