@@ -40,9 +40,9 @@ def bench_shape(ops, model: str, name: str, n: int, k: int, ms: list[int], iters
                 copies: int = 8):
     """All M for one (N, K): random 2:4 fp16 weights, each GEMM path timed on the same inputs."""
     ws = [random_24(n, k, "cuda", seed=seed) for seed in range(copies)]
-    sws = [ops.SparseWeight(w) for w in ws]
+    sws = [ops.SparseWeight(w) for w in ws] if ops is not None else []
     nms = [NM24Linear(w) for w in ws]
-    w0, sw0 = ws[0], sws[0]
+    w0 = ws[0]
     ts = None
     if torch_sparse:
         try:
@@ -56,12 +56,15 @@ def bench_shape(ops, model: str, name: str, n: int, k: int, ms: list[int], iters
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         rec = {"model": model, "linear": name, "m": m, "n": n, "k": k,
                "cublas_us": _time(lambda x=x: F.linear(x, w0), iters),
-               "cublaslt_us": _time(lambda x=x: ops.dense_linear(x, w0), iters),
-               "esparse_us": _time(lambda x=x: ops.sparse_linear(x, sw0), iters),
                "cublas_graph_us": _graph_time([lambda x=x, w=w: F.linear(x, w) for w in ws], iters),
-               "cublaslt_graph_us": _graph_time([lambda x=x, w=w: ops.dense_linear(x, w) for w in ws], iters),
-               "esparse_graph_us": _graph_time([lambda x=x, s=s: ops.sparse_linear(x, s) for s in sws], iters),
                "nm24_graph_us": _graph_time([lambda x=x, lin=lin: lin(x) for lin in nms], iters)}
+        if ops is not None:  # the plugin's rows (cuBLASLt, cuSPARSELt) where it is built
+            rec.update(cublaslt_us=_time(lambda x=x: ops.dense_linear(x, w0), iters),
+                       esparse_us=_time(lambda x=x: ops.sparse_linear(x, sws[0]), iters),
+                       cublaslt_graph_us=_graph_time([lambda x=x, w=w: ops.dense_linear(x, w) for w in ws], iters),
+                       esparse_graph_us=_graph_time([lambda x=x, s=s: ops.sparse_linear(x, s) for s in sws], iters))
+            rec["speedup"] = rec["cublas_us"] / rec["esparse_us"]
+            rec["speedup_graph"] = rec["cublas_graph_us"] / rec["esparse_graph_us"]
         rec["nm24_GBps"] = (n * k * 1.125 + 2 * m * (k + n)) / rec["nm24_graph_us"] / 1e3
         rec["cublas_GBps"] = (n * k * 2 + 2 * m * (k + n)) / rec["cublas_graph_us"] / 1e3
         rec["speedup_nm24"] = rec["cublas_graph_us"] / rec["nm24_graph_us"]
@@ -70,8 +73,6 @@ def bench_shape(ops, model: str, name: str, n: int, k: int, ms: list[int], iters
                 rec["torch_sparse_us"] = _time(lambda x=x: F.linear(x, ts), max(5, iters // 5))
             except RuntimeError as e:
                 rec["torch_sparse_error"] = str(e)[:200]
-        rec["speedup"] = rec["cublas_us"] / rec["esparse_us"]
-        rec["speedup_graph"] = rec["cublas_graph_us"] / rec["esparse_graph_us"]
         out.append(rec)
     return out
 
@@ -123,7 +124,13 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/gemm.py needs a CUDA GPU")
-    from esparse.ft_plugin import ops
+    from esparse.ft_plugin import build_info
+
+    if build_info().built:
+        from esparse.ft_plugin import ops
+    else:  # our Triton kernel needs no plugin: time it against cuBLAS alone
+        ops = None
+        print(f"ft_plugin not built ({build_info().reason}): cuBLASLt and cuSPARSELt rows left out", flush=True)
 
     ms = [int(m) for m in args.ms.split(",")]
     bw = read_bandwidth("cuda")
@@ -138,11 +145,12 @@ def main() -> None:
         for name, n, k in gemm_shapes(model):
             records += bench_shape(ops, model, name, n, k, ms, args.iters, not args.no_torch_sparse, args.copies)
             torch.cuda.empty_cache()
-    rows = [[r["model"], r["linear"], r["m"], r["n"], r["k"], r["cublas_graph_us"], r["cublaslt_graph_us"],
-             r["esparse_graph_us"], r["nm24_graph_us"], r["speedup_graph"], r["speedup_nm24"], r["nm24_GBps"],
-             r["cublas_GBps"]] for r in records]
+    nan = float("nan")
+    rows = [[r["model"], r["linear"], r["m"], r["n"], r["k"], r["cublas_graph_us"], r.get("cublaslt_graph_us", nan),
+             r.get("esparse_graph_us", nan), r["nm24_graph_us"], r.get("speedup_graph", nan), r["speedup_nm24"],
+             r["nm24_GBps"], r["cublas_GBps"]] for r in records]
     env = environment()
-    env["cusparselt"] = ops.CUSPARSELT.summary
+    env["cusparselt"] = ops.CUSPARSELT.summary if ops is not None else "plugin not built"
     env["read_bandwidth_GBps"] = bw / 1e9
     print(f"fp16 GEMM on {env['device']}, torch {env['torch']}, cuSPARSELt {env['cusparselt']}; microseconds: "
           f"single = median of {args.iters} calls, graph = per call of {args.copies} weights in one CUDA graph")
@@ -154,7 +162,8 @@ def main() -> None:
             per = [r for r in records if r["model"] == model and r["m"] == m]
             layers = {"llama-7b": 32, "llama-13b": 40, "opt-6.7b": 32}.get(model, 1)
             step[f"{model} M={m}"] = {key: layers * sum(r[key] for r in per) / 1e3
-                                      for key in ("cublas_graph_us", "esparse_graph_us", "nm24_graph_us")}
+                                      for key in ("cublas_graph_us", "esparse_graph_us", "nm24_graph_us")
+                                      if key in per[0]}
             print(f"{model} M={m}: linears of one step (ms) " + ", ".join(f"{k.split('_')[0]} {v:.3f}"
                                                                          for k, v in step[f"{model} M={m}"].items()))
     write_json(args.out / "gemm.json", {"env": env, "results": records, "tiles": tiles, "step_linears_ms": step})
@@ -163,8 +172,9 @@ def main() -> None:
         for name, _, _ in gemm_shapes(model):
             pts = [r for r in records if r["model"] == model and r["linear"] == name]
             ax.plot([r["m"] for r in pts], [r["speedup_nm24"] for r in pts], marker="o", label=f"{model} {name} nm24")
-            ax.plot([r["m"] for r in pts], [r["speedup_graph"] for r in pts], marker="x", ls=":",
-                    label=f"{model} {name} cuSPARSELt")
+            if ops is not None:
+                ax.plot([r["m"] for r in pts], [r["speedup_graph"] for r in pts], marker="x", ls=":",
+                        label=f"{model} {name} cuSPARSELt")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.axhline(1 / 0.5625, color="gray", lw=0.8, ls="--", label="memory-bound ceiling 1.78x")
     ax.set_xscale("log", base=2)
