@@ -481,10 +481,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
+        code = 0
     except EsparseError as e:
         print(f"esparse: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        code = 2
+    distributed = sys.modules.get("esparse.python_api.distributed")  # imported only by the commands that use it
+    if distributed is not None:
+        distributed.end_rank_process(code)  # a torchrun rank ends here (see there why)
+    return code
 
 
 if __name__ == "__main__":

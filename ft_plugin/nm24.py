@@ -206,6 +206,16 @@ def _launch(x2: torch.Tensor, values: torch.Tensor, meta32: torch.Tensor, bias: 
                        BLOCK_K=bk, EVEN_K=k % bk == 0, num_warps=warps, num_stages=stages)
 
 
+_OPS = None  # the registered ops; read as a plain global so torch.compile never traces the registration
+
+
+def _ops():
+    global _OPS
+    if _OPS is None:
+        _OPS = _register()
+    return _OPS
+
+
 @functools.cache
 def _register():
     """Register the ops once (torch.library.triton_op: traced by torch.compile, captured by CUDA graphs)."""
@@ -236,7 +246,7 @@ def linear(x: torch.Tensor, values: torch.Tensor, meta32: torch.Tensor, bias: to
     """x W^T (+ bias, ReLU) for at most SMALL_M_MAX tokens, W in the compressed 2:4 layout."""
     if not available() or not x.is_cuda:
         return reference_linear(x, values, meta32, bias, relu)
-    return _register()[0](x, values, meta32, bias, relu)
+    return _ops()[0](x, values, meta32, bias, relu)
 
 
 def decompress(values: torch.Tensor, meta32: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -244,5 +254,5 @@ def decompress(values: torch.Tensor, meta32: torch.Tensor, out: torch.Tensor) ->
     if not available() or not values.is_cuda:
         out.copy_(expand_reference(values, meta32))
         return out
-    _register()[1](values, meta32, out)
+    _ops()[1](values, meta32, out)
     return out

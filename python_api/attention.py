@@ -58,7 +58,7 @@ if triton is not None:
             s = s0 + tl.arange(0, BLOCK_S)
             ok = s < hi
             kt = tl.load(k_ptr + b * skb + s[None, :] * sks + hk * skh + dd[:, None], mask=ok[None, :], other=0.0)
-            qk = tl.dot(q, kt) * scale  # [GP, BLOCK_S], log2 units
+            qk = tl.dot(q, kt) * scale.to(tl.float32)  # [GP, BLOCK_S], log2 units (inductor passes fp64)
             qk = tl.where(ok[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             p = tl.exp2(qk - m_new[:, None])
@@ -117,6 +117,16 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Ten
     return out
 
 
+_OPS = None  # the registered ops; read as a plain global so torch.compile never traces the registration
+
+
+def _ops():
+    global _OPS
+    if _OPS is None:
+        _OPS = _register()
+    return _OPS
+
+
 @functools.cache
 def _register():
     from torch.library import triton_op, wrap_triton
@@ -137,4 +147,4 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     """q [B, H, D] (one token per sequence), k/v [B, S, Hkv, D], lengths [B] -> [B, H, D]."""
     if not kernel_ok(q):
         return reference(q, k, v, lengths)
-    return _register()(q.contiguous(), k, v, lengths)
+    return _ops()(q.contiguous(), k, v, lengths)

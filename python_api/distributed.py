@@ -38,6 +38,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -192,7 +193,28 @@ def start(tp: int | None, device: str | None, timeout_s: float = DEFAULT_TIMEOUT
                            f"({_first_line(e)}): check that every rank started (torchrun --nproc-per-node {world}) "
                            "and that MASTER_ADDR/MASTER_PORT reach rank 0") from e
     log.debug("rank %d of %d on %s (%s)", rank, world, dev, backend)
+    global _RANK_PROCESS
+    _RANK_PROCESS = True
     return TPSession(rank, world, dev, dist.group.WORLD, timeout_s, owns_group=True)
+
+
+_RANK_PROCESS = False  # this process joined a group of ranks (start())
+
+
+def end_rank_process(code: int) -> None:
+    """End a rank's process now with ``code`` (nothing when this process never joined ranks).
+
+    The model's layers keep the process group alive past :meth:`TPSession.close`, so gloo's C++ worker threads
+    would be destroyed during the interpreter's finalization, where they abort the process (SIGABRT, "terminate
+    called without an active exception") about once in twenty runs, turning a clean exit 0 or a reported exit 2
+    into a crash. By the time a command returns, every file is closed and every temporary folder removed: only
+    the output streams and the log need flushing."""
+    if not _RANK_PROCESS:
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @contextlib.contextmanager

@@ -44,6 +44,8 @@ class NM24Linear(nn.Module):
         self.register_buffer("meta", meta32)
         self.register_buffer("bias", bias)
         self.relu, self.n, self.k, self._nm24 = relu, n, k, nm24
+        if weight.is_cuda:
+            nm24._ops()  # registered here, not on a first call that torch.compile may be tracing
 
     def compressed_bytes(self) -> int:
         """Device bytes of the compressed weight: values and positions (0.5625x the dense fp16 bytes)."""

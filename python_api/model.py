@@ -254,6 +254,10 @@ class Transformer(nn.Module):
         import torch._dynamo
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        if self.tok_embeddings.weight.is_cuda:  # our Triton ops are registered before tracing (dynamo skips that)
+            from esparse.python_api import attention
+
+            attention._ops()
         block = torch.compile(_run_block, fullgraph=True, dynamic=False)  # one graph serves every layer
         self._decode_fn = lambda *a: self._layers(*a, block=block)
 

@@ -70,3 +70,13 @@ def test_rows_at_different_positions_decode_as_alone():
     for i, p in enumerate(prompts):
         alone = model(torch.tensor([p + [3 + i]]), model.new_cache(1, 16), 0)
         assert torch.allclose(batched[i], alone[0], atol=1e-4), i
+
+
+def test_packing_stays_on_the_weights_device():
+    """The 2:4 metadata is packed where the weight is (a CUDA weight once met a CPU arange here); the meta device
+    stands in for a GPU on a CPU-only machine: any stray CPU tensor in the arithmetic raises."""
+    from esparse.format.nm_pack import pack_indices, row_meta_bytes
+
+    idx = torch.randint(0, 4, (3, 16)).to("meta")
+    out = pack_indices(idx, 32, 2, 4)
+    assert out.device.type == "meta" and out.shape == (3, row_meta_bytes(32, 2, 4))

@@ -115,7 +115,9 @@ def main(argv: list[str]) -> int:
                 loop(tp, rest[0], Path(rest[1]))
     except EsparseError as e:
         print(f"esparse: error: {e}", file=sys.stderr)
+        D.end_rank_process(2)
         return 2
+    D.end_rank_process(0)
     return 0
 
 

@@ -85,10 +85,10 @@ def pack_indices(idx: torch.Tensor, k: int, n: int, m: int) -> torch.Tensor:
     rows = idx.shape[0]
     bits = index_bits(m)
     # bit string per row: entry e, bit j -> position e*bits + j
-    bitplanes = ((idx.to(torch.int64)[:, :, None] >> torch.arange(bits)) & 1).reshape(rows, -1)
+    bitplanes = ((idx.to(torch.int64)[:, :, None] >> torch.arange(bits, device=idx.device)) & 1).reshape(rows, -1)
     nbytes = row_meta_bytes(k, n, m)
     bitplanes = torch.nn.functional.pad(bitplanes, (0, nbytes * 8 - bitplanes.shape[1]))
-    weights = (1 << torch.arange(8)).to(torch.int64)
+    weights = (1 << torch.arange(8, device=idx.device)).to(torch.int64)
     return (bitplanes.reshape(rows, nbytes, 8) * weights).sum(-1).to(torch.uint8).contiguous()
 
 
