@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from esparse.converter.ft_export import export_folder
 from esparse.format.ft_format import linear_specs
 from esparse.format.pruned import META_FILE, PRUNED_FORMAT_VERSION
-from esparse.python_api.bench import hf_llama_config, llama_shapes, random_24, shape_config
+from esparse.format.shapes import hf_llama_config, llama_shapes, shape_config
+from esparse.python_api.random_weights import random_24
 from esparse.report import environment, format_table, new_figure, save_figure, write_json
 
 

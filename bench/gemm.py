@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from esparse.python_api.bench import gemm_shapes, graph_seconds, median_seconds, random_24, read_bandwidth
+from esparse.format.shapes import gemm_shapes
 from esparse.python_api.linear import NM24Linear
+from esparse.python_api.random_weights import random_24
+from esparse.python_api.timing import graph_seconds, median_seconds, read_bandwidth
 from esparse.report import environment, format_table, new_figure, save_figure, write_json
 
 

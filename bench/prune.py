@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from esparse.converter.prune import PruneConfig, prune_model
-from esparse.python_api.bench import hf_llama_config, llama_shapes
+from esparse.format.shapes import hf_llama_config, llama_shapes
 from esparse.report import environment, format_table, new_figure, save_figure, write_json
 
 

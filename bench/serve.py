@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from esparse.python_api.bench import SHAPES
+from esparse.format.shapes import SHAPES
 from esparse.report import environment, format_table, new_figure, save_figure, write_json
 
 log = logging.getLogger("bench.serve")

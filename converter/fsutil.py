@@ -16,12 +16,12 @@ import errno
 import os
 import re
 import shutil
-import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from esparse.errors import EsparseError
+from esparse.signals import signals_deferred
 
 MARKER = ".esparse-output"
 MARKER_TEXT = "written by esparse; --overwrite replaces this folder whole\n"
@@ -145,47 +145,6 @@ def clean_stale_temporaries(out: Path) -> list[Path]:
     return removed
 
 
-_deferring = 0  # depth of _signals_deferred blocks now running
-_pending: int | None = None  # a signal that came during one
-
-
-def _raise_for(signum: int) -> None:
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise SystemExit(128 + signum)
-
-
-def on_signal(signum: int, _frame) -> None:
-    """SIGINT/SIGTERM handler of the command line: unwind (KeyboardInterrupt, SystemExit(128 + n)) so every
-    temporary folder is removed, unless a folder operation that must not be cut in half is running; then the
-    signal acts right after it."""
-    global _pending
-    if _deferring:
-        _pending = signum
-        return
-    _raise_for(signum)
-
-
-def install_signal_handlers() -> None:
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM (as handled by :func:`on_signal`) for a few file operations: creating the temporary
-    folder and recording it, swapping the finished folder in, removing a failed one."""
-    global _deferring, _pending
-    _deferring += 1
-    try:
-        yield
-    finally:
-        _deferring -= 1
-        if not _deferring and _pending is not None:
-            signum, _pending = _pending, None
-            _raise_for(signum)
-
-
 def _is_cwd(folder: Path) -> bool:
     try:
         return Path(os.getcwd()) == folder
@@ -229,7 +188,7 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except OSError as e:
         raise EsparseError(f"cannot create {out.parent} ({e.strerror}): choose another --out") from e
     existed = out.is_dir() and any(out.iterdir())
-    with _signals_deferred():  # a signal between mkdtemp and the try below would leave the folder behind
+    with signals_deferred():  # a signal between mkdtemp and the try below would leave the folder behind
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
         except OSError as e:
@@ -244,7 +203,7 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
             if f.is_file() and not f.is_symlink():
                 f.chmod(0o666 & ~umask)
     except BaseException as e:
-        with _signals_deferred():
+        with signals_deferred():
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             where = e.filename or given
@@ -252,7 +211,7 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
             raise EsparseError(f"writing the output failed at {where} ({e.strerror or e}); nothing was written to "
                                f"{given}: {hint} or choose another --out") from e
         raise
-    with _signals_deferred():  # out is replaced whole or not at all
+    with signals_deferred():  # out is replaced whole or not at all
         try:
             if out.is_dir() and any(out.iterdir()):
                 if not existed and not overwrite:  # another run finished this output while this one worked

@@ -20,11 +20,15 @@ from esparse.format.ft_format import (
     DTYPE_NAMES,
     FTConfig,
     LinearSpec,
+    bias_file,
     check_tp,
     expected_files,
+    linear_files,
     linear_specs,
     perm_names,
+    rank_dir,
     replicated_specs,
+    tensor_file,
     write_checksums,
     write_config,
 )
@@ -132,7 +136,7 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
     item = torch.tensor([], dtype=torch_dtype).element_size()
     dense_lin = written_lin = other = 0
     with atomic_output_dir(Path(out), overwrite) as tmp:
-        folder = tmp / f"{tp}-gpu"
+        folder = rank_dir(tmp, tp)
         folder.mkdir()
         if is_gguf(Path(src)):  # the tokenizer travels with the weights, for esparse generate
             load_tokenizer(Path(src)).save_pretrained(tmp)
@@ -148,7 +152,7 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
                 raise EsparseError(f"{src} has no tensor {hf_key}: re-save the model with all its weights")
             if name == "model.wpe":
                 t = t[fam.position_offset:]  # rows of HF's table before position 0 (OPT: 2)
-            other += write_tensor(t.to(torch_dtype), folder / f"{name}.bin")
+            other += write_tensor(t.to(torch_dtype), folder / tensor_file(name))
         layers = decoder_base(model).layers
         for i in tqdm(range(cfg.n_layers), desc="export", unit="layer"):
             tensors = {k: v.to(torch_dtype) for k, v in layers[i].state_dict().items()}
@@ -161,17 +165,18 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
                 dense_lin += w.numel() * item
                 for r in range(tp):
                     wr = rank_slice(w, spec, tp, r) if spec.parallel == "col" else w.chunk(tp, 1)[r]
+                    names = linear_files(spec, r, nm is not None)
                     if nm:
                         packed = pack_nm(wr, *nm)
-                        written_lin += write_tensor(packed.values, folder / f"{spec.name}.{r}.values.bin")
-                        written_lin += write_tensor(packed.meta, folder / f"{spec.name}.{r}.meta.bin")
+                        written_lin += write_tensor(packed.values, folder / names["values"])
+                        written_lin += write_tensor(packed.meta, folder / names["meta"])
                     else:
-                        written_lin += write_tensor(wr.t(), folder / f"{spec.name}.{r}.bin")
+                        written_lin += write_tensor(wr.t(), folder / names["dense"])
                     if b is not None and spec.parallel == "col":
-                        other += write_tensor(rank_slice(b, spec, tp, r), folder / f"{spec.bias_name}.{r}.bin")
+                        other += write_tensor(rank_slice(b, spec, tp, r), folder / bias_file(spec, r))
             for group, stem in perm_names(cfg, i).items():
                 if group in lp:
-                    other += write_tensor(lp[group].to(torch.int32), folder / f"{stem}.bin")
+                    other += write_tensor(lp[group].to(torch.int32), folder / tensor_file(stem))
         missing = set(expected_files(cfg)) - {p.name for p in folder.iterdir()}
         if missing:
             raise EsparseError(f"internal error: export did not write {sorted(missing)[:3]}")

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING
 from esparse import argtypes as at
 from esparse import demo
 from esparse.converter.defaults import ESPARSE_DEFAULTS
-from esparse.converter.fsutil import install_signal_handlers
 from esparse.converter.text import EVAL_JOINS
 from esparse.devices import DTYPES, parse_dtype, resolve_device, set_threads
 from esparse.errors import EsparseError
+from esparse.format.ft_format import RANK_DIR_GLOB, is_rank_dir, rank_dir
 from esparse.format.pruned import META_FILE
-from esparse.python_api.bench import SHAPES
-from esparse.python_api.distributed import DEFAULT_TIMEOUT_S
+from esparse.format.shapes import SHAPES
+from esparse.limits import TP_TIMEOUT_S
+from esparse.signals import install_signal_handlers
 
 if TYPE_CHECKING:
     from esparse.converter.prune import PruneConfig
@@ -209,7 +210,7 @@ def cmd_export(args) -> None:
 
     rep = export_folder(args.model, args.out, args.tp, args.dtype, args.overwrite)
     print(rep.summary())
-    print(f"wrote {args.out}/{args.tp}-gpu")
+    print(f"wrote {rank_dir(args.out, args.tp)}")
 
 
 def _add_generate_bench(sub) -> None:
@@ -259,7 +260,7 @@ def _add_generate_bench(sub) -> None:
 
 
 def _add_tp_timeout(p) -> None:
-    p.add_argument("--tp-timeout", type=at.float_in(0.0, low_open=True), default=DEFAULT_TIMEOUT_S, metavar="S",
+    p.add_argument("--tp-timeout", type=at.float_in(0.0, low_open=True), default=TP_TIMEOUT_S, metavar="S",
                    help="with --tp under torchrun: seconds a rank waits for the others (joining, every collective) "
                         "before it stops with an error")
 
@@ -278,7 +279,7 @@ def _rank_logging(tp) -> None:
 def _ft_folder(model: Path) -> Path:
     """``model`` when it is an exported folder; a HF folder or .gguf is refused with the export command (the
     runtime reads only what export wrote, so that what is served is what was checked and checksummed)."""
-    if (model / "config.ini").is_file() or any(model.glob("*-gpu/config.ini")):
+    if (model / "config.ini").is_file() or any(model.glob(f"{RANK_DIR_GLOB}/config.ini")):
         return model
     if (model / "config.json").is_file() or model.suffix.lower() == ".gguf":
         raise EsparseError(f"{model} is a Hugging Face model, not an exported folder: export it first "
@@ -289,7 +290,7 @@ def _ft_folder(model: Path) -> Path:
 def _tokenizer_folder(folder: Path, given: Path) -> Path:
     """Where the tokenizer of an export is: beside config.ini's <tp>-gpu folders (export writes it there), so
     for a <tp>-gpu folder given directly, its parent; else the folder the user named."""
-    for cand in (folder, folder.parent if folder.name.endswith("-gpu") else None, given):
+    for cand in (folder, folder.parent if is_rank_dir(folder) else None, given):
         if cand is not None and (cand / "tokenizer_config.json").is_file():
             return cand
     return given

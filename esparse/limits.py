@@ -15,6 +15,8 @@ import torch
 
 from esparse.errors import EsparseError
 
+TP_TIMEOUT_S = 600.0  # a collective may wait this long for a slower rank (a large shard still loading)
+
 GIB = 1 << 30
 
 

@@ -15,153 +15,21 @@ from __future__ import annotations
 
 import gc
 import logging
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from esparse.devices import dtype_name
 from esparse.errors import EsparseError
-from esparse.format.families import family
-from esparse.format.ft_format import FTConfig, linear_specs, replicated_specs
-from esparse.format.ft_loader import FTFolder, LayerWeights
+from esparse.format.ft_loader import FTFolder
 from esparse.report import environment, format_table, new_figure, save_figure, write_json
 
 from .loader import WeightSource, build_decoder
-from .model import GraphDecodeStep, Transformer, capture_graph
+from .model import GraphDecodeStep, Transformer
+from .random_weights import RandomWeights
+from .timing import graph_seconds, median_seconds, read_bandwidth, sync
 
 log = logging.getLogger(__name__)
-
-SHAPES = {
-    "llama-7b": dict(arch="llama", hidden=4096, n_heads=32, n_kv=32, head_dim=128, inter=11008, n_layers=32,
-                     vocab=32000, max_pos=4096, eps=1e-6),
-    "llama-13b": dict(arch="llama", hidden=5120, n_heads=40, n_kv=40, head_dim=128, inter=13824, n_layers=40,
-                      vocab=32000, max_pos=4096, eps=1e-6),
-    "opt-6.7b": dict(arch="opt", hidden=4096, n_heads=32, n_kv=32, head_dim=128, inter=16384, n_layers=32,
-                     vocab=50272, max_pos=2048, eps=1e-5),
-    "smollm2-135m": dict(arch="llama", hidden=576, n_heads=9, n_kv=3, head_dim=64, inter=1536, n_layers=30,
-                         vocab=49152, max_pos=8192, eps=1e-5, rope_theta=100000.0),
-}
-GEMM_NAMES = {"attn_in": "qkv", "attn_out": "o", "mlp_in": "fc1", "mlp_out": "fc2"}
-
-
-def shape_config(shape: str, layers: int | None = None, **kw) -> FTConfig:
-    """The FTConfig of a named model shape (the one table of shapes every benchmark uses)."""
-    spec = dict(SHAPES[shape])
-    if layers:
-        spec["n_layers"] = layers
-    return FTConfig(**spec, **kw)
-
-
-def gemm_shapes(shape: str) -> list[tuple[str, int, int]]:
-    """(name, N, K) of each GEMM one decoder layer of ``shape`` runs, as the runtime runs them (a gated MLP's
-    gate and up fused into one "gate_up" GEMM; its down projection named "down")."""
-    cfg = shape_config(shape)
-    fam = family(cfg.arch)
-    out: dict[str, list[int]] = {}
-    for s in linear_specs(cfg, 0):
-        name = GEMM_NAMES[s.group]
-        if fam.gated_mlp and s.group in ("mlp_in", "mlp_out"):
-            name = "gate_up" if s.group == "mlp_in" else "down"
-        n, k = out.get(name, [0, s.k])
-        out[name] = [n + s.n, k]
-    return [(name, n, k) for name, (n, k) in out.items()]
-
-
-def llama_shapes() -> list[str]:
-    return [s for s, spec in SHAPES.items() if family(spec["arch"]).hf_class == "LlamaForCausalLM"]
-
-
-def hf_llama_config(shape: str, layers: int | None = None) -> dict:
-    """transformers LlamaConfig arguments of a LLaMA-family shape (for benchmarks that build an HF model)."""
-    cfg = shape_config(shape, layers)
-    if shape not in llama_shapes():
-        raise EsparseError(f"{shape} is not a LLaMA shape: pick one of {', '.join(llama_shapes())}")
-    return dict(hidden_size=cfg.hidden, intermediate_size=cfg.inter, num_hidden_layers=cfg.n_layers,
-                num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv, vocab_size=cfg.vocab,
-                max_position_embeddings=cfg.max_pos, rms_norm_eps=cfg.eps, rope_theta=cfg.rope_theta)
-
-
-def random_24(n: int, k: int, device, dtype=torch.float16, seed: int = 0) -> torch.Tensor:
-    """A random [n, k] weight, scaled like a trained linear, with the 2 largest of every 4 along k kept."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(n, k, device=device, dtype=dtype, generator=g) * (k ** -0.5)
-    keep = x.view(n, -1, 4).abs().topk(2, -1).indices
-    mask = torch.zeros_like(x.view(n, -1, 4), dtype=torch.bool).scatter_(-1, keep, True)
-    return (x.view(n, -1, 4) * mask).view(n, k)
-
-
-class RandomWeights:
-    """Random 2:4 weights of a named model shape, made on ``device`` a layer at a time when the loader asks (no
-    download, nothing kept): a model built from them holds only what its layers keep, as from a folder."""
-
-    def __init__(self, shape: str, device, dtype=torch.float16, layers: int | None = None, seed: int = 0):
-        self.cfg = shape_config(shape, layers, dtype=dtype_name(dtype), sparsity="2:4", method="random")
-        self.device, self.dtype, self.seed = torch.device(device), dtype, seed
-
-    def model_tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for j, (name, (shp, _)) in enumerate(replicated_specs(self.cfg).items()):
-            if name.startswith("model.layers."):
-                continue
-            g = torch.Generator(device=self.device).manual_seed(self.seed + j)
-            t = torch.randn(shp, device=self.device, dtype=self.dtype, generator=g) * 0.02
-            out[name] = torch.ones_like(t) if "layernorm.weight" in name else t
-        return out
-
-    def layer(self, i: int) -> LayerWeights:
-        cfg, lw = self.cfg, LayerWeights(i)
-        for name, (shp, _) in replicated_specs(cfg).items():
-            if name.startswith(f"model.layers.{i}."):
-                lw.tensors[name] = torch.ones(shp, device=self.device, dtype=self.dtype)
-        for j, s in enumerate(linear_specs(cfg, i)):
-            lw.linears[s.name] = random_24(s.n, s.k, self.device, self.dtype, self.seed + 1000 * i + j)
-            if s.bias:
-                lw.biases[s.bias_name] = torch.zeros(s.n, device=self.device, dtype=self.dtype)
-                lw.tensors.pop(s.bias_name, None)
-        return lw
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_seconds(fn, dev, repeats: int, warmup: int = 1) -> float:
-    """Median seconds of one call of ``fn`` over ``repeats`` calls after ``warmup`` calls: CUDA events on a GPU
-    (what the device spent, launch included), wall clock on the CPU. The one timer of every benchmark."""
-    dev = torch.device(dev)
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        _sync(dev)
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-    return statistics.median(out)
-
-
-def graph_seconds(calls, repeats: int) -> float:
-    """Seconds per call of ``calls`` (callables) captured back to back in one CUDA graph and replayed: how a
-    decode step sees them (no host overhead between calls). Warm-up outside the capture (plans, algorithms)."""
-    graph, _ = capture_graph(lambda: [fn() for fn in calls], torch.device("cuda"))
-    return median_seconds(graph.replay, "cuda", repeats, warmup=3) / len(calls)
-
-
-def read_bandwidth(dev) -> float:
-    """Bytes/s the GPU reads: a 2 GiB tensor summed (the roofline's denominator, measured in the same run)."""
-    x = torch.ones(2**30, device=dev, dtype=torch.float16)
-    return 2**31 / median_seconds(x.sum, dev, 10, warmup=2)
 
 
 def _linears(model: Transformer) -> list[torch.nn.Module]:
@@ -224,14 +92,14 @@ def measure(model: Transformer, prompt_len: int, batches: list[int], steps: int,
         t0 = time.perf_counter()
         model(torch.zeros(batches[0], 1, dtype=torch.long, device=dev), cache, torch.zeros(batches[0], device=dev,
                                                                                            dtype=torch.long))
-        _sync(dev)
+        sync(dev)
         res["compile_s"] = time.perf_counter() - t0
     vocab = model.cfg.vocab
     ids = torch.randint(0, vocab, (1, prompt_len), device=dev)
     cache = model.new_cache(1, prompt_len)
     t0 = time.perf_counter()
     model(ids, cache, 0)
-    _sync(dev)
+    sync(dev)
     res["first_prefill_s"] = time.perf_counter() - t0
     res["prefill_s"] = median_seconds(lambda: model(ids, cache, 0), dev, 5)
     ctx = max(1, min(128, model.cfg.max_pos - steps - 1))  # decode after a short prompt
@@ -349,7 +217,7 @@ def bench_models(source: WeightSource | Path, backends: list[str], device, dtype
             base = torch.cuda.memory_allocated()  # what an earlier backend left (e.g. cuBLAS workspaces)
         t0 = time.perf_counter()
         model = build_decoder(src, device, dtype, be)
-        _sync(device)
+        sync(device)
         load = {"load_s": time.perf_counter() - t0}
         if device.type == "cuda":
             load.update(resident_bytes=torch.cuda.memory_allocated() - base,

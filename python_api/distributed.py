@@ -54,6 +54,7 @@ from torch import nn
 
 from esparse.errors import EsparseError
 from esparse.format.ft_shard import FTShard, head_rows
+from esparse.limits import TP_TIMEOUT_S
 
 from .loader import build_decoder, default_backend
 from .model import KVCache, Transformer
@@ -61,7 +62,7 @@ from .model import KVCache, Transformer
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-DEFAULT_TIMEOUT_S = 600.0  # a collective may wait this long for a slower rank (a large shard still loading)
+DEFAULT_TIMEOUT_S = TP_TIMEOUT_S
 
 
 class ReportedByRank0(SystemExit):
@@ -515,7 +516,8 @@ def run_bench(args, tp: TPSession) -> str | None:
     the others None."""
     from esparse.report import environment
 
-    from .bench import bench_models, read_bandwidth, write_outputs
+    from .bench import bench_models, write_outputs
+    from .timing import read_bandwidth
 
     if args.shape is not None or args.model is None:
         raise EsparseError("--shape with --tp: random weights are not sharded; export a model with --tp "

@@ -32,6 +32,7 @@ from esparse.format.families import ACTIVATIONS, family, rope_inv_freq
 from esparse.format.ft_format import FTConfig
 
 from .attention import decode_attention
+from .timing import capture_graph
 
 # Where each sharing group's linear and norm sit inside a TransformerBlock: the loader fills them by group, so
 # this table is the whole mapping from the FT format to the modules, for every family.
@@ -271,34 +272,6 @@ class Transformer(nn.Module):
                 total += mod.compressed_bytes()
             total += sum(t.numel() * t.element_size() for t in own)
         return total
-
-
-_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """One side stream per GPU for every capture's warm-up: torch keeps a cuBLAS workspace per stream for the
-    life of the process, so a fresh stream per graph would leave one more workspace each time."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPTURE_STREAMS:
-        _CAPTURE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _CAPTURE_STREAMS[index]
-
-
-def capture_graph(fn, device: torch.device, warmup: int = 1):
-    """Run ``fn`` ``warmup`` times on ``device``'s capture stream (plans, workspaces, autotuning happen outside
-    the graph), then capture one call; returns (graph, what the captured call returned)."""
-    stream = capture_stream(device)
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 class GraphDecodeStep:

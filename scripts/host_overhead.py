@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from esparse.ft_plugin import ops
-from esparse.python_api.bench import random_24
+from esparse.python_api.random_weights import random_24
 from esparse.report import environment, write_json
 
 

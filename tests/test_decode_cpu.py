@@ -10,8 +10,8 @@ import torch
 from esparse.format.nm_pack import pack_nm
 from esparse.ft_plugin import nm24
 from esparse.python_api import attention
-from esparse.python_api.bench import RandomWeights, random_24
 from esparse.python_api.loader import build_decoder
+from esparse.python_api.random_weights import RandomWeights, random_24
 
 
 def test_kernel_view_of_the_layout_is_the_weight():

@@ -263,12 +263,14 @@ def test_sparse_load_holds_one_dense_layer_and_serves_compressed(monkeypatch):
     """Loading a layer at a time: the peak while loading exceeds what stays resident by about one layer's dense
     weights (not the model's), and the sparse linears hold about 0.5625x their dense bytes."""
     _ops()
+    from esparse.format import shapes
     from esparse.format.ft_format import linear_specs
-    from esparse.python_api import bench, build_decoder
+    from esparse.python_api import build_decoder
+    from esparse.python_api.random_weights import RandomWeights
 
-    monkeypatch.setitem(bench.SHAPES, "gpu-mem", dict(arch="llama", hidden=1024, n_heads=8, n_kv=8, head_dim=128,
+    monkeypatch.setitem(shapes.SHAPES, "gpu-mem", dict(arch="llama", hidden=1024, n_heads=8, n_kv=8, head_dim=128,
                                                       inter=2816, n_layers=12, vocab=1024, max_pos=256, eps=1e-6))
-    src = bench.RandomWeights("gpu-mem", "cuda", torch.float16)
+    src = RandomWeights("gpu-mem", "cuda", torch.float16)
     layer_bytes = 2 * sum(s.n * s.k for s in linear_specs(src.cfg, 0))
     torch.cuda.synchronize()
     torch.cuda.empty_cache()

@@ -24,7 +24,7 @@ def _rel(a, b):
 
 
 def _w24(n, k, dtype, seed):
-    from esparse.python_api.bench import random_24
+    from esparse.python_api.random_weights import random_24
 
     w = random_24(n, k, "cuda", torch.float32, seed).to(dtype)
     w[0, :8] = torch.tensor([0.5, -0.0, 0.0, 0.5, -0.25, 0.25, 0.0, 0.0])  # a tie, -0.0, a lone pair
@@ -56,7 +56,7 @@ def test_nm24_linear_matches_fp64(n, k, dtype):
 
 def test_nm24_under_cuda_graph_and_compile():
     from esparse.python_api.linear import NM24Linear
-    from esparse.python_api.model import capture_graph
+    from esparse.python_api.timing import capture_graph
 
     w = _w24(1536, 576, torch.float16, 0)
     lin = NM24Linear(w)

@@ -279,13 +279,14 @@ def test_a_signal_waits_for_the_folder_swap(tmp_path):
     import os
     import signal
 
+    from esparse import signals
     from esparse.converter import fsutil
 
-    previous = signal.signal(signal.SIGTERM, fsutil.on_signal)
+    previous = signal.signal(signal.SIGTERM, signals.on_signal)
     try:
         reached_end = False
         with pytest.raises(SystemExit) as e:
-            with fsutil._signals_deferred():
+            with signals.signals_deferred():
                 os.kill(os.getpid(), signal.SIGTERM)
                 sum(range(10000))  # the handler runs here and only records it
                 reached_end = True

@@ -123,22 +123,24 @@ def test_bench_cli_smoke_on_cpu(exported, tmp_path, capsys):
 
 def test_random_shape_weights_are_24_and_complete(monkeypatch):
     from esparse.converter.masks import is_nm_sparse
-    from esparse.python_api import bench
+    from esparse.format import shapes
+    from esparse.python_api.bench import measure
+    from esparse.python_api.random_weights import RandomWeights
 
-    monkeypatch.setitem(bench.SHAPES, "tiny", dict(arch="llama", hidden=64, n_heads=4, n_kv=2, head_dim=16,
+    monkeypatch.setitem(shapes.SHAPES, "tiny", dict(arch="llama", hidden=64, n_heads=4, n_kv=2, head_dim=16,
                                                    inter=128, n_layers=2, vocab=100, max_pos=64, eps=1e-6))
-    src = bench.RandomWeights("tiny", "cpu", torch.float32)
+    src = RandomWeights("tiny", "cpu", torch.float32)
     lw0, lw1 = src.layer(0), src.layer(1)
     assert len(lw1.linears) == 5 and all(is_nm_sparse(t, 2, 4) for t in lw1.linears.values())
     name0, name1 = next(iter(lw0.linears)), next(iter(lw1.linears))
     assert not torch.equal(lw0.linears[name0], lw1.linears[name1])  # every layer its own weights
     model = build_decoder(src, "cpu", torch.float32, "torch")
-    res = bench.measure(model, 8, [1, 2], 2, graphs=False)
+    res = measure(model, 8, [1, 2], 2, graphs=False)
     assert res["prefill_s"] > 0 and set(res["decode_tok_s"]) == {1, 2} and res["first_prefill_s"] > 0
 
 
 def test_benchmark_gemm_shapes_come_from_the_family_description():
-    from esparse.python_api.bench import gemm_shapes
+    from esparse.format.shapes import gemm_shapes
 
     # the runtime's GEMMs: fused qkv, o, gate+up fused (gated MLP) or fc1, down or fc2
     assert gemm_shapes("llama-7b") == [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096),

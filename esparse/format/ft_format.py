@@ -142,6 +142,36 @@ def perm_names(cfg: FTConfig, layer: int) -> dict[str, str]:
             "mlp_out": p + fam.ft_linear("mlp_out", "row").stem + ".perm"}
 
 
+# File names: the only place that spells them (writer, size check, readers and the CLI ask here).
+RANK_DIR_GLOB = "*-gpu"
+
+
+def rank_dir(root: Path, tp: int) -> Path:
+    """The folder of a ``tp``-way export inside an export's root (FasterTransformer's ``<tp>-gpu``)."""
+    return Path(root) / f"{tp}-gpu"
+
+
+def is_rank_dir(path: Path) -> bool:
+    return Path(path).name.endswith("-gpu")
+
+
+def tensor_file(name: str) -> str:
+    """A replicated tensor's (or a permutation's) file: the FT name + .bin."""
+    return f"{name}.bin"
+
+
+def linear_files(spec: LinearSpec, rank: int, packed: bool) -> dict[str, str]:
+    """One rank's files of a linear: {"values", "meta"} for a packed N:M weight (torch layout [out, in]), else
+    {"dense"} (FT's transposed [in, out])."""
+    stem = f"{spec.name}.{rank}"
+    return {"values": f"{stem}.values.bin", "meta": f"{stem}.meta.bin"} if packed else {"dense": f"{stem}.bin"}
+
+
+def bias_file(spec: LinearSpec, rank: int) -> str:
+    """One rank's slice of a column-parallel linear's bias (row-parallel biases are replicated tensors)."""
+    return f"{spec.bias_name}.{rank}.bin"
+
+
 def rank_rows(spec: LinearSpec, tp: int) -> int:
     """Output rows of one tensor-parallel rank's shard (the writer's slicing is converter/ft_export.rank_slice)."""
     return sum(s // tp for s in spec.segments) if spec.parallel == "col" else spec.n
@@ -156,22 +186,23 @@ def expected_files(cfg: FTConfig) -> dict[str, int]:
     item = torch.tensor([], dtype=cfg.torch_dtype).element_size()
     files: dict[str, int] = {}
     for name, (shape, _) in replicated_specs(cfg).items():
-        files[name + ".bin"] = item * _prod(shape)
+        files[tensor_file(name)] = item * _prod(shape)
     nm = cfg.nm
     for i in range(cfg.n_layers):
         for spec in linear_specs(cfg, i):
             for r in range(cfg.tp):
                 rows, k = rank_rows(spec, cfg.tp), rank_k(spec, cfg.tp)
+                names = linear_files(spec, r, nm is not None)
                 if nm:
-                    files[f"{spec.name}.{r}.values.bin"] = item * rows * k * nm[0] // nm[1]
-                    files[f"{spec.name}.{r}.meta.bin"] = rows * row_meta_bytes(k, *nm)
+                    files[names["values"]] = item * rows * k * nm[0] // nm[1]
+                    files[names["meta"]] = rows * row_meta_bytes(k, *nm)
                 else:
-                    files[f"{spec.name}.{r}.bin"] = item * rows * k
+                    files[names["dense"]] = item * rows * k
                 if spec.bias and spec.parallel == "col":
-                    files[f"{spec.bias_name}.{r}.bin"] = item * rows
+                    files[bias_file(spec, r)] = item * rows
         for group, stem in perm_names(cfg, i).items():
             if group in cfg.permuted:
-                files[stem + ".bin"] = 4 * group_width(cfg, group)
+                files[tensor_file(stem)] = 4 * group_width(cfg, group)
     return files
 
 

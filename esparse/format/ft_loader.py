@@ -18,16 +18,21 @@ from esparse.errors import EsparseError
 
 from .ft_format import (
     CHECKSUMS_FILE,
+    RANK_DIR_GLOB,
     FTConfig,
     LinearSpec,
+    bias_file,
     expected_files,
     group_width,
+    linear_files,
     linear_specs,
     perm_names,
+    rank_dir,
     rank_k,
     rank_rows,
     read_config,
     replicated_specs,
+    tensor_file,
     verify_checksums,
 )
 from .nm_pack import PackedNM, check_packed, pack_indices, rows_are_whole_bytes, unpack_indices
@@ -54,12 +59,12 @@ def resolve_folder(path: Path, tp: int | None = None) -> Path:
         raise EsparseError(f"{path} does not exist")
     if (path / "config.ini").is_file():
         return path
-    subs = sorted(p for p in path.glob("*-gpu") if (p / "config.ini").is_file())
+    subs = sorted(p for p in path.glob(RANK_DIR_GLOB) if (p / "config.ini").is_file())
     if tp is not None:
-        want = path / f"{tp}-gpu"
+        want = rank_dir(path, tp)
         if want in subs:
             return want
-        raise EsparseError(f"{path} has no {tp}-gpu folder (found: {', '.join(p.name for p in subs) or 'none'}): "
+        raise EsparseError(f"{path} has no {want.name} folder (found: {', '.join(p.name for p in subs) or 'none'}): "
                            f"export with --tp {tp}")
     if len(subs) == 1:
         return subs[0]
@@ -84,7 +89,7 @@ def check_sizes(folder: Path, cfg: FTConfig, want: dict[str, int]) -> None:
 def validate(folder: Path, cfg: FTConfig) -> dict[str, int]:
     want = expected_files(cfg)
     check_sizes(folder, cfg, want)
-    extra = sorted(p.name for p in folder.glob("*.bin") if p.name not in want)
+    extra = sorted(p.name for p in folder.glob(tensor_file("*")) if p.name not in want)
     if extra:
         raise EsparseError(f"{folder} holds files config.ini does not describe (e.g. {extra[0]}): it mixes "
                            "exports of another tp size or model; export into an empty folder")
@@ -146,12 +151,12 @@ class FTFolder:
             raise EsparseError(f"{self.folder} was written for tp={self.cfg.tp}, not {tp}")
         validate(self.folder, self.cfg)
 
-    def _file(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        return _read(self.folder / f"{name}.bin", dtype, shape)
+    def _file(self, file: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        return _read(self.folder / file, dtype, shape)
 
     def model_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors outside the decoder layers (embeddings, final norm, lm_head), by FT name."""
-        return {name: self._file(name, self.cfg.torch_dtype, shape)
+        return {name: self._file(tensor_file(name), self.cfg.torch_dtype, shape)
                 for name, (shape, _) in replicated_specs(self.cfg).items() if not name.startswith("model.layers.")}
 
     def layer(self, i: int) -> LayerWeights:
@@ -160,26 +165,27 @@ class FTFolder:
         prefix = f"model.layers.{i}."
         for name, (shape, _) in replicated_specs(cfg).items():
             if name.startswith(prefix):
-                out.tensors[name] = self._file(name, dt, shape)
+                out.tensors[name] = self._file(tensor_file(name), dt, shape)
         for spec in linear_specs(cfg, i):
             out.linears[spec.name] = self._packed(spec) if nm else self._dense(spec)
             if spec.bias:  # column-parallel biases are split per rank, row-parallel ones stored whole
                 bname = spec.bias_name
                 if spec.parallel == "col":
-                    parts = [self._file(f"{bname}.{r}", dt, (rank_rows(spec, cfg.tp),)) for r in range(cfg.tp)]
+                    parts = [self._file(bias_file(spec, r), dt, (rank_rows(spec, cfg.tp),)) for r in range(cfg.tp)]
                     out.biases[bname] = _merge_rows(parts, spec, cfg.tp)
                 else:
                     out.biases[bname] = out.tensors.pop(bname)
         for group, stem in perm_names(cfg, i).items():
             if group in cfg.permuted:
-                perm = self._file(stem, torch.int32, (-1,)).long()
-                out.perms[group] = check_perm(perm, group_width(cfg, group), self.folder / f"{stem}.bin")
+                perm = self._file(tensor_file(stem), torch.int32, (-1,)).long()
+                out.perms[group] = check_perm(perm, group_width(cfg, group), self.folder / tensor_file(stem))
         return out
 
     def _dense(self, spec: LinearSpec) -> torch.Tensor:
         cfg = self.cfg
         rows, k = rank_rows(spec, cfg.tp), rank_k(spec, cfg.tp)
-        parts = [self._file(f"{spec.name}.{r}", cfg.torch_dtype, (k, rows)).t() for r in range(cfg.tp)]
+        files = [linear_files(spec, r, False)["dense"] for r in range(cfg.tp)]
+        parts = [self._file(f, cfg.torch_dtype, (k, rows)).t() for f in files]
         merged = _merge_rows(parts, spec, cfg.tp) if spec.parallel == "col" else torch.cat(parts, 1)
         return merged.contiguous()
 
@@ -193,9 +199,10 @@ class FTFolder:
         rows, k = rank_rows(spec, cfg.tp), rank_k(spec, cfg.tp)
         vals, metas = [], []
         for r in range(cfg.tp):
-            vals.append(self._file(f"{spec.name}.{r}.values", cfg.torch_dtype, (rows, k * n // m)))
-            meta = self._file(f"{spec.name}.{r}.meta", torch.uint8, (rows, -1))
-            check_packed(meta, k, n, m, str(self.folder / f"{spec.name}.{r}.meta.bin"))
+            names = linear_files(spec, r, True)
+            vals.append(self._file(names["values"], cfg.torch_dtype, (rows, k * n // m)))
+            meta = self._file(names["meta"], torch.uint8, (rows, -1))
+            check_packed(meta, k, n, m, str(self.folder / names["meta"]))
             metas.append(meta)
         if spec.parallel == "col":
             return PackedNM(_merge_rows(vals, spec, cfg.tp), _merge_rows(metas, spec, cfg.tp), n, m, spec.k)

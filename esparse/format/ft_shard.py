@@ -29,15 +29,18 @@ from .ft_format import (
     CHECKSUMS_FILE,
     FTConfig,
     LinearSpec,
+    bias_file,
     check_tp,
     expected_files,
     group_width,
+    linear_files,
     linear_specs,
     perm_names,
     rank_k,
     rank_rows,
     read_config,
     replicated_specs,
+    tensor_file,
     verify_checksums,
 )
 from .ft_loader import LayerWeights, check_perm, check_sizes, resolve_folder
@@ -73,10 +76,9 @@ def head_rows(vocab: int, tp: int, rank: int) -> tuple[int, int, int]:
 
 def rank_linear_files(cfg: FTConfig, spec: LinearSpec, rank: int) -> list[str]:
     """The files of ``spec`` that belong to ``rank`` (its weight shard and, column-parallel, its bias)."""
-    stem = f"{spec.name}.{rank}"
-    names = [f"{stem}.values.bin", f"{stem}.meta.bin"] if cfg.nm else [f"{stem}.bin"]
+    names = list(linear_files(spec, rank, cfg.nm is not None).values())
     if spec.bias and spec.parallel == "col":
-        names.append(f"{spec.bias_name}.{rank}.bin")
+        names.append(bias_file(spec, rank))
     return names
 
 
@@ -113,7 +115,7 @@ class FTShard:
             log.warning("%s has no %s (exported before checksums): its files are not verified", self.folder,
                         CHECKSUMS_FILE)
 
-    def _read(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], first_row: int = 0) -> torch.Tensor:
+    def _read(self, file: str, dtype: torch.dtype, shape: tuple[int, ...], first_row: int = 0) -> torch.Tensor:
         """``shape`` elements of file ``name`` from row ``first_row`` on (rows of shape[1:]), no more."""
         if -1 in shape:  # the whole file, its length giving the unknown dimension
             count, offset = -1, 0
@@ -121,21 +123,21 @@ class FTShard:
             row = torch.empty((), dtype=dtype).element_size() * int(np.prod(shape[1:], dtype=np.int64))
             count, offset = row * shape[0], row * first_row
         try:
-            raw = np.fromfile(self.folder / f"{name}.bin", dtype=np.uint8, count=count, offset=offset)
+            raw = np.fromfile(self.folder / file, dtype=np.uint8, count=count, offset=offset)
         except OSError as e:
-            raise EsparseError(f"cannot read {self.folder / name}.bin ({e.strerror or e}): fix its permissions or "
+            raise EsparseError(f"cannot read {self.folder / file} ({e.strerror or e}): fix its permissions or "
                                "re-run esparse export") from e
         return torch.from_numpy(raw).view(dtype).reshape(shape).clone()
 
     def model_tensors(self) -> dict[str, torch.Tensor]:
         """Embeddings and the final norm whole; of lm_head this rank's block of rows (:func:`head_rows`)."""
         cfg, dt = self.full_cfg, self.full_cfg.torch_dtype
-        out = {name: self._read(name, dt, shape) for name, (shape, _) in replicated_specs(cfg).items()
+        out = {name: self._read(tensor_file(name), dt, shape) for name, (shape, _) in replicated_specs(cfg).items()
                if not name.startswith("model.layers.") and name != LM_HEAD}
         lo, hi, per = head_rows(cfg.vocab, self.tp, self.rank)
         head = torch.zeros(per, cfg.hidden, dtype=dt)
         if hi > lo:
-            head[: hi - lo] = self._read(LM_HEAD, dt, (hi - lo, cfg.hidden), first_row=lo)
+            head[: hi - lo] = self._read(tensor_file(LM_HEAD), dt, (hi - lo, cfg.hidden), first_row=lo)
         out[LM_HEAD] = head
         return out
 
@@ -145,26 +147,28 @@ class FTShard:
         prefix = f"model.layers.{i}."
         for name, (shape, _) in replicated_specs(cfg).items():
             if name.startswith(prefix):
-                out.tensors[name] = self._read(name, dt, shape)
+                out.tensors[name] = self._read(tensor_file(name), dt, shape)
         for spec in linear_specs(cfg, i):
             rows, k = rank_rows(spec, self.tp), rank_k(spec, self.tp)
             if cfg.nm:
                 n, m = cfg.nm
-                values = self._read(f"{spec.name}.{r}.values", dt, (rows, k * n // m))
-                meta = self._read(f"{spec.name}.{r}.meta", torch.uint8, (rows, -1))
-                check_packed(meta, k, n, m, str(self.folder / f"{spec.name}.{r}.meta.bin"))
+                files = linear_files(spec, r, True)
+                values = self._read(files["values"], dt, (rows, k * n // m))
+                meta = self._read(files["meta"], torch.uint8, (rows, -1))
+                check_packed(meta, k, n, m, str(self.folder / files["meta"]))
                 out.linears[spec.name] = PackedNM(values, meta, n, m, k)
             else:
-                out.linears[spec.name] = self._read(f"{spec.name}.{r}", dt, (k, rows)).t().contiguous()
+                dense = self._read(linear_files(spec, r, False)["dense"], dt, (k, rows))
+                out.linears[spec.name] = dense.t().contiguous()
             if spec.bias:
                 bname = spec.bias_name
                 if spec.parallel == "col":
-                    out.biases[bname] = self._read(f"{bname}.{r}", dt, (rows,))
+                    out.biases[bname] = self._read(bias_file(spec, r), dt, (rows,))
                 else:  # stored whole: added once, by rank 0, before the sum over ranks
                     whole = out.tensors.pop(bname)
                     out.biases[bname] = whole if r == 0 else torch.zeros_like(whole)
         for group, stem in perm_names(cfg, i).items():
             if group in cfg.permuted:
-                perm = self._read(stem, torch.int32, (-1,)).long()
-                out.perms[group] = check_perm(perm, group_width(cfg, group), self.folder / f"{stem}.bin")
+                perm = self._read(tensor_file(stem), torch.int32, (-1,)).long()
+                out.perms[group] = check_perm(perm, group_width(cfg, group), self.folder / tensor_file(stem))
         return out

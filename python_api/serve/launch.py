@@ -43,7 +43,7 @@ def open_model(folder: Path | None, shape: str | None, layers: int | None, spars
     if (folder is None) == (shape is None):
         raise EsparseError("give an exported folder or --shape NAME (not both)")
     if shape is not None:
-        from ..bench import RandomWeights
+        from ..random_weights import RandomWeights
 
         src = RandomWeights(shape, device, dtype, layers)
         model = build_decoder(src, device, dtype, default_backend(device, sparse))
