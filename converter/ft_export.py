@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from esparse.errors import EsparseError
-from esparse.format.families import family, family_of
+from esparse.format.families import family
 from esparse.format.ft_format import (
     DTYPE_NAMES,
     FTConfig,
@@ -127,9 +127,8 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
     torch_dtype = DTYPE_NAMES[dtype]
     model = load_model(src, dtype=torch_dtype)
     check_perms(perms, model, Path(src))
-    fam = family_of(model)
-    arch = fam.name
     cfg = ft_config_from_hf(model.config, tp, dtype, sparsity, method, permuted)
+    fam = cfg.family
     nm = cfg.nm
     heads = head_shape(model.config)
     state = model.state_dict()
@@ -158,7 +157,7 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
             tensors = {k: v.to(torch_dtype) for k, v in layers[i].state_dict().items()}
             lp = {g: p for g in ("attn_in", "attn_out", "mlp_in", "mlp_out")
                   if (p := perms.get(f"layers.{i}.{g}")) is not None}
-            tensors, _ = serving_layer(arch, tensors, lp, heads)
+            tensors, _ = serving_layer(fam, tensors, lp, heads)
             for spec in linear_specs(cfg, i):
                 w = torch.cat([tensors[f"{h}.weight"] for h in spec.hf], 0)
                 b = torch.cat([tensors[f"{h}.bias"] for h in spec.hf], 0) if spec.bias else None

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from esparse.format.families import family
+from esparse.format.families import Family
 
 from .arch import HeadShape
 
 
-def linears_of(arch: str) -> dict[str, tuple[str, ...]]:
+def linears_of(fam: Family) -> dict[str, tuple[str, ...]]:
     """group -> the HF linears (layer-local paths) that read it, from the family description."""
-    return family(arch).linears_of_group()
+    return fam.linears_of_group()
 
 
 def kv_row_perm(perm_b: torch.Tensor, heads: HeadShape) -> torch.Tensor:
@@ -33,7 +33,7 @@ def kv_row_perm(perm_b: torch.Tensor, heads: HeadShape) -> torch.Tensor:
 
 
 def serving_layer(
-    arch: str, tensors: dict[str, torch.Tensor], perms: dict[str, torch.Tensor], heads: HeadShape
+    fam: Family, tensors: dict[str, torch.Tensor], perms: dict[str, torch.Tensor], heads: HeadShape
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Serving-order copies of a layer's tensors (HF local names) and the norm gathers {group: P}.
 
@@ -41,16 +41,16 @@ def serving_layer(
     """
     out = dict(tensors)
     norm_perm: dict[str, torch.Tensor] = {}
-    lin = linears_of(arch)
+    lin = linears_of(fam)
     for group, perm in perms.items():
         perm = perm.long()
         for name in lin[group]:
             out[f"{name}.weight"] = out[f"{name}.weight"][:, perm]
-        if group in family(arch).group_norm:
+        if group in fam.group_norm:
             norm_perm[group] = perm
             continue
         rows = kv_row_perm(perm, heads) if group == "attn_out" else perm
-        for name in family(arch).producers[group]:
+        for name in fam.producers[group]:
             out[f"{name}.weight"] = out[f"{name}.weight"][rows]
             if f"{name}.bias" in out:
                 out[f"{name}.bias"] = out[f"{name}.bias"][rows]

@@ -14,7 +14,6 @@ def tune_folder(model: Path, m: str, dtype_name: str) -> list[str]:
 
     from esparse.devices import DTYPES
     from esparse.errors import EsparseError
-    from esparse.format.families import family
     from esparse.format.ft_loader import FTFolder
 
     if not torch.cuda.is_available():
@@ -38,7 +37,7 @@ def tune_folder(model: Path, m: str, dtype_name: str) -> list[str]:
     shapes: dict[tuple[int, int], torch.Tensor] = {}
     for d in layer0.values():
         shapes.setdefault(tuple(d.shape), d)
-    fam = family(src.cfg.arch)
+    fam = src.cfg.family
     if fam.gated_mlp:  # the runtime fuses gate and up into one GEMM
         gate, up = (f"model.layers.0.{f.stem}.weight" for f in fam.ft_linears if f.group == "mlp_in")
         fused = torch.cat([layer0[gate], layer0[up]])

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from esparse.errors import EsparseError
-from esparse.format.families import family
 from esparse.format.ft_format import FTConfig, linear_specs, param_counts
 from esparse.format.ft_loader import FTFolder, LayerWeights
 from esparse.format.nm_pack import PackedNM
@@ -52,7 +51,7 @@ def _on(w: torch.Tensor | PackedNM, device: torch.device, dtype: torch.dtype) ->
 def block_state(cfg: FTConfig, lw: LayerWeights, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The state dict of one TransformerBlock from a stored layer: linears stacked by group (gate and up become
     w1), biases likewise, norm gains gathered at their group's permutation."""
-    fam = family(cfg.arch)
+    fam = cfg.family
     state: dict[str, torch.Tensor] = {}
     by_group: dict[str, list] = {}
     for spec in linear_specs(cfg, lw.index):
@@ -79,7 +78,7 @@ def block_state(cfg: FTConfig, lw: LayerWeights, device: torch.device, dtype: to
 
 def model_state(cfg: FTConfig, tensors: dict[str, torch.Tensor], device, dtype) -> dict[str, torch.Tensor]:
     """The state outside the blocks: embeddings, final norm, output projection."""
-    fam = family(cfg.arch)
+    fam = cfg.family
     names = {"tok_embeddings.weight": fam.ft_embed, "norm.weight": "model.final_layernorm.weight",
              "output.weight": "model.lm_head.weight"}
     if not fam.rms_norm:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esparse.errors import EsparseError
-from esparse.format.families import ACTIVATIONS, family, rope_inv_freq
+from esparse.format.families import ACTIVATIONS, rope_inv_freq
 from esparse.format.ft_format import FTConfig
 
 from .attention import decode_attention
@@ -150,7 +150,7 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: FTConfig):
         super().__init__()
-        fam = family(cfg.arch)
+        fam = cfg.family
         bias = {f.group: f.bias for f in fam.ft_linears}
         self.attention_norm = Norm(cfg.hidden, cfg.eps, fam.rms_norm, "attn_in" in cfg.permuted)
         self.attention = Attention(cfg, bias["attn_in"], bias["attn_out"])
@@ -172,7 +172,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: FTConfig):
         super().__init__()
         self.cfg = cfg
-        self.family = fam = family(cfg.arch)
+        self.family = fam = cfg.family
         self.tok_embeddings = nn.Embedding(cfg.vocab, cfg.hidden)
         self.pos_embeddings = None if fam.rotary else nn.Embedding(cfg.max_pos, cfg.hidden)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))

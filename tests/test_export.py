@@ -10,6 +10,7 @@ from esparse.converter.arch import decoder_base, head_shape
 from esparse.converter.masks import nm_mask
 from esparse.converter.serving_order import serving_layer
 from esparse.errors import EsparseError
+from esparse.format.families import FAMILIES
 from esparse.format.ft_format import linear_specs
 from esparse.format.ft_loader import load_ft
 from esparse.format.nm_pack import PackedNM, pack_nm, unpack_nm
@@ -118,7 +119,7 @@ def _serving_weights(folder):
     for i, layer in enumerate(decoder_base(model).layers):
         lp = {g: perms[f"layers.{i}.{g}"] for g in ("attn_in", "attn_out", "mlp_in", "mlp_out")
               if f"layers.{i}.{g}" in perms}
-        out.append(serving_layer(arch, dict(layer.state_dict()), lp, head_shape(model.config))[0])
+        out.append(serving_layer(FAMILIES[arch], dict(layer.state_dict()), lp, head_shape(model.config))[0])
     return model, out
 
 

@@ -14,6 +14,7 @@ from esparse.converter.prune import PruneConfig, prune_model
 from esparse.converter.scores import MetricConfig
 from esparse.converter.serving_order import linears_of, serving_layer
 from esparse.converter.stats import ChannelStats
+from esparse.format.families import FAMILIES
 
 from helpers import make_model, make_tokenizer
 
@@ -47,9 +48,9 @@ def _serving_logits(model, perms, ids, gather=True):
     serv.load_state_dict(model.state_dict())
     hooks = []
     for i, layer in enumerate(decoder_base(serv).layers):
-        lp = {g: p for g in linears_of(arch) if (p := perms.get(f"layers.{i}.{g}")) is not None}
+        lp = {g: p for g in linears_of(FAMILIES[arch]) if (p := perms.get(f"layers.{i}.{g}")) is not None}
         tensors = {k: v for k, v in layer.state_dict().items()}
-        new, norm_perm = serving_layer(arch, tensors, lp, heads)
+        new, norm_perm = serving_layer(FAMILIES[arch], tensors, lp, heads)
         layer.load_state_dict(new)
         norms = ("input_layernorm", "post_attention_layernorm") if arch == "llama" else (
             "self_attn_layer_norm", "final_layer_norm")

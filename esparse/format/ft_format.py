@@ -21,7 +21,7 @@ import torch
 from esparse.devices import DTYPES
 from esparse.errors import EsparseError
 
-from .families import ACTIVATIONS, GROUPS, MAX_POSITIONS, check_rope_scaling, family
+from .families import ACTIVATIONS, GROUPS, MAX_POSITIONS, Family, check_rope_scaling, family
 from .nm_pack import row_meta_bytes
 
 log = logging.getLogger(__name__)
@@ -64,13 +64,18 @@ class FTConfig:
         check_config(self)
 
     @property
+    def family(self) -> Family:
+        """The family description this config's ``arch`` names (checked when the config was built)."""
+        return family(self.arch)
+
+    @property
     def activation(self) -> str:
-        return self.act or family(self.arch).default_act
+        return self.act or self.family.default_act
 
     @property
     def bias_groups(self) -> tuple[str, ...]:
         """Every group whose linears have a bias (the family's fixed ones and the config's)."""
-        fixed = {f.group for f in family(self.arch).ft_linears if f.bias}
+        fixed = {f.group for f in self.family.ft_linears if f.bias}
         return tuple(g for g in GROUPS if g in fixed or g in self.biases)
 
     @property
@@ -83,7 +88,7 @@ class FTConfig:
 
     @property
     def section(self) -> str:
-        return family(self.arch).ft_section
+        return self.family.ft_section
 
     def size(self, what: str) -> int:
         """A width named in the family descriptions: hidden, inter, q (heads x head_dim), kv, vocab, max_pos."""
@@ -114,12 +119,12 @@ class LinearSpec:
 def linear_specs(cfg: FTConfig, layer: int) -> list[LinearSpec]:
     p = f"model.layers.{layer}."
     return [LinearSpec(f"{p}{f.stem}.weight", cfg.size(f.k), tuple(cfg.size(x) for x in f.segments), f.parallel,
-                       f.group, f.hf, f.bias or f.group in cfg.biases) for f in family(cfg.arch).ft_linears]
+                       f.group, f.hf, f.bias or f.group in cfg.biases) for f in cfg.family.ft_linears]
 
 
 def replicated_specs(cfg: FTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     """Non-linear tensors: name -> (shape, HF state-dict key)."""
-    fam = family(cfg.arch)
+    fam = cfg.family
     shape = lambda dims: tuple(cfg.size(d) for d in dims.split(" x "))
     out = {name: (shape(dims), hf) for name, (dims, hf) in fam.ft_tensors.items()}
     for i in range(cfg.n_layers):
@@ -135,7 +140,7 @@ def replicated_specs(cfg: FTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
 def perm_names(cfg: FTConfig, layer: int) -> dict[str, str]:
     """group -> the perm file stem, named after the tensor its permutation applies to (the norm that writes
     the group's input, or the row-parallel linear that reads it)."""
-    fam, p = family(cfg.arch), f"model.layers.{layer}."
+    fam, p = cfg.family, f"model.layers.{layer}."
     return {"attn_in": p + fam.group_norm["attn_in"] + ".perm",
             "attn_out": p + fam.ft_linear("attn_out", "row").stem + ".perm",
             "mlp_in": p + fam.group_norm["mlp_in"] + ".perm",
@@ -209,7 +214,7 @@ def expected_files(cfg: FTConfig) -> dict[str, int]:
 def param_counts(cfg: FTConfig) -> tuple[int, int]:
     """(values of the decoder linears, values of every other tensor) that a config implies, computed from one
     layer (a config of 10^5 layers is sized without listing them)."""
-    fam = family(cfg.arch)
+    fam = cfg.family
     other = sum(_prod(tuple(cfg.size(d) for d in dims.split(" x "))) for dims, _ in fam.ft_tensors.values())
     other += cfg.vocab * cfg.hidden  # lm_head
     specs = linear_specs(cfg, 0)
@@ -219,7 +224,7 @@ def param_counts(cfg: FTConfig) -> tuple[int, int]:
 
 def group_width(cfg: FTConfig, group: str) -> int:
     """Channels of a sharing group's input (the length of its permutation)."""
-    return cfg.size(next(f.k for f in family(cfg.arch).ft_linears if f.group == group))
+    return cfg.size(next(f.k for f in cfg.family.ft_linears if f.group == group))
 
 
 def _prod(shape) -> int:
@@ -262,7 +267,7 @@ def check_config(cfg: FTConfig) -> None:
         raise bad("max_pos_seq_len", cfg.max_pos, f"is over esparse's limit of {MAX_POSITIONS} positions")
     if cfg.n_heads % cfg.n_kv:
         raise bad("kv_head_num", cfg.n_kv, f"does not divide head_num = {cfg.n_heads}")
-    if family(cfg.arch).rotary and cfg.head_dim % 2:
+    if cfg.family.rotary and cfg.head_dim % 2:
         raise bad("size_per_head", cfg.head_dim, "is odd (rotary positions rotate pairs of channels)")
     if not (_number(cfg.eps) and 0 < cfg.eps < 1):
         raise bad("layernorm_eps", cfg.eps, "is not a number in (0, 1)")
@@ -279,7 +284,7 @@ def check_config(cfg: FTConfig) -> None:
     if cfg.act and cfg.act not in ACTIVATIONS:
         raise bad("activation", cfg.act, f"is not one of {', '.join(ACTIVATIONS)}")
     if cfg.rope_scaling:
-        if not family(cfg.arch).rotary:
+        if not cfg.family.rotary:
             raise bad("rope_scaling_type", cfg.rope_scaling.get("rope_type"), f"is set for {cfg.arch} (no rotary)")
         check_rope_scaling(cfg.rope_scaling, "config.ini: rope_scaling")
     for key in ("start_id", "end_id"):
@@ -318,7 +323,7 @@ def write_config(cfg: FTConfig, path: Path) -> None:
               "vocab_size": cfg.vocab, "start_id": cfg.start_id, "end_id": cfg.end_id,
               "weight_data_type": cfg.dtype, "tensor_para_size": cfg.tp, "max_pos_seq_len": cfg.max_pos,
               "layernorm_eps": cfg.eps}
-    common.update(family(cfg.arch).ft_extra(cfg))
+    common.update(cfg.family.ft_extra(cfg))
     common.update({f"rope_scaling_{k.removeprefix('rope_')}": cfg.rope_scaling[k] for k in ROPE_KEYS
                    if k in cfg.rope_scaling})
     cp[cfg.section] = {k: str(v) for k, v in common.items()}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from esparse.errors import EsparseError
 
-from .families import family
 from .ft_format import FTConfig, linear_specs
 
 SHAPES = {
@@ -36,7 +35,7 @@ def gemm_shapes(shape: str) -> list[tuple[str, int, int]]:
     """(name, N, K) of each GEMM one decoder layer of ``shape`` runs, as the runtime runs them (a gated MLP's
     gate and up fused into one "gate_up" GEMM; its down projection named "down")."""
     cfg = shape_config(shape)
-    fam = family(cfg.arch)
+    fam = cfg.family
     out: dict[str, list[int]] = {}
     for s in linear_specs(cfg, 0):
         name = GEMM_NAMES[s.group]
@@ -48,7 +47,7 @@ def gemm_shapes(shape: str) -> list[tuple[str, int, int]]:
 
 
 def llama_shapes() -> list[str]:
-    return [s for s, spec in SHAPES.items() if family(spec["arch"]).hf_class == "LlamaForCausalLM"]
+    return [s for s in SHAPES if shape_config(s).family.hf_class == "LlamaForCausalLM"]
 
 
 def hf_llama_config(shape: str, layers: int | None = None) -> dict:
