@@ -18,6 +18,7 @@ from esparse.errors import EsparseError
 from esparse.format.families import family
 from esparse.format.ft_format import (
     DTYPE_NAMES,
+    LM_HEAD,
     FTConfig,
     LinearSpec,
     bias_file,
@@ -28,6 +29,7 @@ from esparse.format.ft_format import (
     perm_names,
     rank_dir,
     replicated_specs,
+    runtime_names,
     tensor_file,
     write_checksums,
     write_config,
@@ -143,13 +145,14 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
             copy_tokenizer_files(Path(src), tmp)
         write_tokenizer_manifest(tmp)
         write_config(cfg, folder / "config.ini")
+        runtime = runtime_names(cfg)
         for name, (_, hf_key) in replicated_specs(cfg).items():
             t = state.get(hf_key)
-            if hf_key == "lm_head.weight" and t is None and model.config.tie_word_embeddings:
+            if name == LM_HEAD and t is None and model.config.tie_word_embeddings:
                 t = state[fam.hf_embed]  # tied embeddings
             if t is None:  # load_model refuses missing weights; this is the exporter's own guard
                 raise EsparseError(f"{src} has no tensor {hf_key}: re-save the model with all its weights")
-            if name == "model.wpe":
+            if runtime.get(name) == "pos_embeddings.weight":
                 t = t[fam.position_offset:]  # rows of HF's table before position 0 (OPT: 2)
             other += write_tensor(t.to(torch_dtype), folder / tensor_file(name))
         layers = decoder_base(model).layers

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from esparse.errors import EsparseError
-from esparse.format.ft_format import FTConfig, linear_specs, param_counts
+from esparse.format.ft_format import FTConfig, linear_specs, param_counts, runtime_names
 from esparse.format.ft_loader import FTFolder, LayerWeights
 from esparse.format.nm_pack import PackedNM
 from esparse.limits import check_fits
@@ -78,14 +78,7 @@ def block_state(cfg: FTConfig, lw: LayerWeights, device: torch.device, dtype: to
 
 def model_state(cfg: FTConfig, tensors: dict[str, torch.Tensor], device, dtype) -> dict[str, torch.Tensor]:
     """The state outside the blocks: embeddings, final norm, output projection."""
-    fam = cfg.family
-    names = {"tok_embeddings.weight": fam.ft_embed, "norm.weight": "model.final_layernorm.weight",
-             "output.weight": "model.lm_head.weight"}
-    if not fam.rms_norm:
-        names["norm.bias"] = "model.final_layernorm.bias"
-    if not fam.rotary:
-        names["pos_embeddings.weight"] = "model.wpe"
-    return {mod: _on(tensors[ft], device, dtype) for mod, ft in names.items()}
+    return {mod: _on(tensors[ft], device, dtype) for ft, mod in runtime_names(cfg).items()}
 
 
 def runtime_weight_bytes(cfg: FTConfig, dtype: torch.dtype, backend: str) -> int:

@@ -72,7 +72,8 @@ class Family:
     groups: tuple[Group, ...]
     producers: dict[str, tuple[str, ...]]  # group -> linears whose output rows carry its permutation
     ft_linears: tuple[FTLinear, ...]
-    ft_tensors: dict[str, tuple[str, str]]  # FT name -> (size of each dim, "x"-joined; HF key)
+    ft_tensors: dict[str, tuple[str, str, str]]  # FT name -> (size of each dim, "x"-joined; HF key; the
+    # runtime's parameter it fills, python_api/model.py's Transformer)
     ft_layer_tensors: dict[str, str]  # per-layer FT local name -> HF local name, all of size hidden
     hf_embed: str  # the input embedding's HF key (the lm_head of tied models)
     ft_embed: str  # its FT name
@@ -248,8 +249,8 @@ LLAMA = Family(
         FTLinear("mlp.up_proj", ("mlp.up_proj",), "mlp_in", "col", "hidden", ("inter",)),
         FTLinear("mlp.down_proj", ("mlp.down_proj",), "mlp_out", "row", "inter", ("hidden",)),
     ),
-    ft_tensors={"model.wte.weight": ("vocab x hidden", "model.embed_tokens.weight"),
-                "model.final_layernorm.weight": ("hidden", "model.norm.weight")},
+    ft_tensors={"model.wte.weight": ("vocab x hidden", "model.embed_tokens.weight", "tok_embeddings.weight"),
+                "model.final_layernorm.weight": ("hidden", "model.norm.weight", "norm.weight")},
     ft_layer_tensors={"input_layernorm.weight": "input_layernorm.weight",
                       "post_attention_layernorm.weight": "post_attention_layernorm.weight"},
     hf_embed="model.embed_tokens.weight", ft_embed="model.wte.weight", ft_section="llama",
@@ -268,10 +269,10 @@ OPT = Family(
         FTLinear("mlp.dense_h_to_4h", ("fc1",), "mlp_in", "col", "hidden", ("inter",), True),
         FTLinear("mlp.dense_4h_to_h", ("fc2",), "mlp_out", "row", "inter", ("hidden",), True),
     ),
-    ft_tensors={"model.wte": ("vocab x hidden", "model.decoder.embed_tokens.weight"),
-                "model.wpe": ("max_pos x hidden", "model.decoder.embed_positions.weight"),
-                "model.final_layernorm.weight": ("hidden", "model.decoder.final_layer_norm.weight"),
-                "model.final_layernorm.bias": ("hidden", "model.decoder.final_layer_norm.bias")},
+    ft_tensors={"model.wte": ("vocab x hidden", "model.decoder.embed_tokens.weight", "tok_embeddings.weight"),
+                "model.wpe": ("max_pos x hidden", "model.decoder.embed_positions.weight", "pos_embeddings.weight"),
+                "model.final_layernorm.weight": ("hidden", "model.decoder.final_layer_norm.weight", "norm.weight"),
+                "model.final_layernorm.bias": ("hidden", "model.decoder.final_layer_norm.bias", "norm.bias")},
     ft_layer_tensors={"input_layernorm.weight": "self_attn_layer_norm.weight",
                       "input_layernorm.bias": "self_attn_layer_norm.bias",
                       "post_attention_layernorm.weight": "final_layer_norm.weight",

@@ -122,18 +122,26 @@ def linear_specs(cfg: FTConfig, layer: int) -> list[LinearSpec]:
                        f.group, f.hf, f.bias or f.group in cfg.biases) for f in cfg.family.ft_linears]
 
 
+LM_HEAD = "model.lm_head.weight"  # the output projection (every family; HF's lm_head, or the tied embedding)
+
+
+def runtime_names(cfg: FTConfig) -> dict[str, str]:
+    """The tensors outside the decoder layers: FT name -> the runtime parameter it fills."""
+    return {**{name: rt for name, (_, _, rt) in cfg.family.ft_tensors.items()}, LM_HEAD: "output.weight"}
+
+
 def replicated_specs(cfg: FTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     """Non-linear tensors: name -> (shape, HF state-dict key)."""
     fam = cfg.family
     shape = lambda dims: tuple(cfg.size(d) for d in dims.split(" x "))
-    out = {name: (shape(dims), hf) for name, (dims, hf) in fam.ft_tensors.items()}
+    out = {name: (shape(dims), hf) for name, (dims, hf, _) in fam.ft_tensors.items()}
     for i in range(cfg.n_layers):
         for ft, hf in fam.ft_layer_tensors.items():
             out[f"model.layers.{i}.{ft}"] = ((cfg.hidden,), f"{fam.decoder_path}.layers.{i}.{hf}")
         for spec in linear_specs(cfg, i):  # row-parallel biases are added once after the reduction: stored whole
             if spec.bias and spec.parallel == "row":
                 out[spec.bias_name] = ((spec.n,), f"{fam.decoder_path}.layers.{i}.{spec.hf[0]}.bias")
-    out["model.lm_head.weight"] = ((cfg.vocab, cfg.hidden), "lm_head.weight")
+    out[LM_HEAD] = ((cfg.vocab, cfg.hidden), "lm_head.weight")
     return out
 
 
@@ -215,7 +223,7 @@ def param_counts(cfg: FTConfig) -> tuple[int, int]:
     """(values of the decoder linears, values of every other tensor) that a config implies, computed from one
     layer (a config of 10^5 layers is sized without listing them)."""
     fam = cfg.family
-    other = sum(_prod(tuple(cfg.size(d) for d in dims.split(" x "))) for dims, _ in fam.ft_tensors.values())
+    other = sum(_prod(tuple(cfg.size(d) for d in dims.split(" x "))) for dims, _, _ in fam.ft_tensors.values())
     other += cfg.vocab * cfg.hidden  # lm_head
     specs = linear_specs(cfg, 0)
     per_layer = len(fam.ft_layer_tensors) * cfg.hidden + sum(s.n for s in specs if s.bias)

@@ -27,6 +27,7 @@ from esparse.errors import EsparseError
 
 from .ft_format import (
     CHECKSUMS_FILE,
+    LM_HEAD,
     FTConfig,
     LinearSpec,
     bias_file,
@@ -48,7 +49,6 @@ from .nm_pack import PackedNM, check_packed
 
 log = logging.getLogger(__name__)
 
-LM_HEAD = "model.lm_head.weight"
 
 
 def local_config(cfg: FTConfig) -> FTConfig:
