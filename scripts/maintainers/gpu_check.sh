@@ -9,9 +9,9 @@
 #   gemm    bench/gemm.py (LLaMA-7B and 13B shapes)       e2e  esparse bench --shape llama-7b / llama-13b
 #   assets  joins the GGUF parts (/root/assets/g1, g2 copied by earlier calls; .dev/g3 carried now) into the cache
 #   real    the real-model GPU test and esparse demo --device cuda (needs the assets in $ESPARSE_CACHE)
-#   errors  the plugin's C++ error paths (scripts/throw_cases.py): each must print its message, not crash
+#   errors  the plugin's C++ error paths (scripts/maintainers/throw_cases.py): each must print its message, not crash
 #   accuracy bench/accuracy.py, full protocol, seeds $SEEDS (default 0,1,2) over $VARIANTS (WikiText-2 at .dev/wt)
-# Carry folders come from scripts/device_assets.sh (and ../shared/tools/cusparselt010.sh for cuSPARSELt 0.10).
+# Carry folders come from scripts/maintainers/device_assets.sh (and ../shared/tools/cusparselt010.sh for cuSPARSELt 0.10).
 # ESPARSE_CUSPARSELT=/root/cslt/lib/libcusparseLt.so.0 runs a stage on the private cuSPARSELt 0.10.
 # gemm and e2e stop after GEMM_TIMEOUT / E2E_TIMEOUT seconds (a device call has 600), keeping what they wrote.
 set -uo pipefail
@@ -46,7 +46,7 @@ for stage in "$@"; do
             echo "$(cat .dev/g3/sha256)  $c/smollm2/$(cat .dev/g3/name)" | sha256sum -c - ;;
     real) $py -m pytest -q -rs -m "gpu and real" tests/test_gpu.py 2>&1 | tee "$OUT/real-$tag.log" | tail -15
           .venv/bin/esparse demo --device cuda 2>&1 | tee "$OUT/demo-$tag.log" | tail -25 ;;
-    errors) for c in build linear search; do $py scripts/throw_cases.py "$c" 2>&1 | grep -v "cannot reuse"; done \
+    errors) for c in build linear search; do $py scripts/maintainers/throw_cases.py "$c" 2>&1 | grep -v "cannot reuse"; done \
               | tee "$OUT/errors-$tag.txt" ;;
     accuracy) $py bench/accuracy.py --wikitext .dev/wt/wiki.test.raw --variants main,ablation --seeds "${SEEDS:-0,1,2}" \
                 ${VARIANTS:+--only "$VARIANTS"} --out "$OUT/acc-$tag" 2>&1 | grep -v "it/s\|window/s\|layer/s" \

@@ -4,7 +4,7 @@
 #   .dev/g1   14 MiB of the SmolLM2 GGUF (fits beside .cslt/part3 in one call)
 #   .dev/g2   the next 60 MiB      .dev/g3  the rest + the C4 / Wikipedia text files of the asset cache
 # On the machine, after the three calls: cat g1 g2 g3 into $ESPARSE_CACHE/smollm2/<name>.gguf, copy text/ beside
-# it (scripts/gpu_check.sh stage 'assets' does both), then `real` runs the GPU real-model test and the demo.
+# it (scripts/maintainers/gpu_check.sh stage 'assets' does both), then `real` runs the GPU real-model test and the demo.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 grep -qx '/.dev/' .git/info/exclude 2>/dev/null || echo '/.dev/' >> .git/info/exclude
