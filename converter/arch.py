@@ -16,7 +16,7 @@ from torch import nn
 from esparse.errors import EsparseError
 from esparse.format.families import Group, family_of
 
-__all__ = ["Group", "HeadShape", "decoder_base", "get_linear", "groups_of", "head_shape", "model_type"]
+__all__ = ["Group", "HeadShape", "decoder_base", "get_linear", "groups_of", "head_shape"]
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,6 @@ class HeadShape:
     n_heads: int
     n_kv: int
     head_dim: int
-
-
-def model_type(model: nn.Module) -> str:
-    return family_of(model).name
 
 
 def groups_of(model: nn.Module) -> tuple[Group, ...]:

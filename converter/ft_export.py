@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from esparse.devices import DTYPES
 from esparse.errors import EsparseError
 from esparse.format.families import family
 from esparse.format.ft_format import (
-    DTYPE_NAMES,
     LM_HEAD,
     FTConfig,
     LinearSpec,
@@ -114,7 +114,7 @@ def rank_slice(w: torch.Tensor, spec: LinearSpec, tp: int, r: int) -> torch.Tens
 
 
 def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwrite: bool = False) -> ExportReport:
-    if dtype not in DTYPE_NAMES:
+    if dtype not in DTYPES:
         raise EsparseError(f"--dtype {dtype}: use fp16, bf16 or fp32")
     check_output_location(Path(out), [Path(src)])
     check_output_dir(Path(out), overwrite)
@@ -126,7 +126,7 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
     planned = ft_config_from_hf(read_model_config(Path(src)), tp, dtype, sparsity, method, permuted)
     check_tp(planned)  # before the weights load: the split and the disk space follow from the config alone
     check_free_space(Path(out), sum(expected_files(planned).values()))
-    torch_dtype = DTYPE_NAMES[dtype]
+    torch_dtype = DTYPES[dtype]
     model = load_model(src, dtype=torch_dtype)
     check_perms(perms, model, Path(src))
     cfg = ft_config_from_hf(model.config, tp, dtype, sparsity, method, permuted)

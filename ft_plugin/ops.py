@@ -69,14 +69,14 @@ def _load_cusparselt() -> CusparseLtInfo:
 CUSPARSELT = _load_cusparselt()
 _cache = AlgoCache()
 SEARCHES = 0  # cusparseLtMatmulSearch runs in this process (tests check that a warm cache runs none)
-DTYPE_NAMES = {t: n for t, n in NAMES.items() if n in ("fp16", "bf16")}  # what the sparse GEMM takes
+GEMM_DTYPES = {t: n for t, n in NAMES.items() if n in ("fp16", "bf16")}  # what the sparse GEMM takes
 
 
 class SparseWeight:
     """A compressed 2:4 weight plus the M buckets whose algorithm is already chosen in this process."""
 
     def __init__(self, weight: torch.Tensor):
-        if weight.dtype not in DTYPE_NAMES:
+        if weight.dtype not in GEMM_DTYPES:
             raise EsparseError(f"sparse weights are fp16 or bf16, got {weight.dtype}; cast the model (--dtype fp16)")
         if weight.dim() != 2 or not weight.is_cuda:
             raise EsparseError(f"a sparse weight is a 2-D CUDA tensor [N, K], got {tuple(weight.shape)} on "
@@ -99,7 +99,7 @@ class SparseWeight:
         if err:
             raise _plugin_error()
         self.n, self.k = n, k
-        self.dtype = DTYPE_NAMES[weight.dtype]
+        self.dtype = GEMM_DTYPES[weight.dtype]
         self.gpu = gpu_key(torch.cuda.get_device_name(weight.device))
         self.tuned = bool(self.obj.tuned())
         self.ready: set[int] = set()
@@ -134,9 +134,9 @@ class SparseWeight:
 def _check_input(x: torch.Tensor, w: SparseWeight, bias: torch.Tensor | None) -> None:
     if x.dim() == 0 or x.shape[-1] != w.k:
         raise EsparseError(f"input {tuple(x.shape)} has {x.shape[-1] if x.dim() else 0} features, weight expects {w.k}")
-    if DTYPE_NAMES.get(x.dtype) != w.dtype or not x.is_cuda:
+    if GEMM_DTYPES.get(x.dtype) != w.dtype or not x.is_cuda:
         raise EsparseError(f"input is {x.dtype} on {x.device}; the weight is {w.dtype} on a GPU")
-    if bias is not None and (bias.shape != (w.n,) or DTYPE_NAMES.get(bias.dtype) != w.dtype or not bias.is_cuda):
+    if bias is not None and (bias.shape != (w.n,) or GEMM_DTYPES.get(bias.dtype) != w.dtype or not bias.is_cuda):
         raise EsparseError(f"bias {tuple(bias.shape)} {bias.dtype}: expected a [{w.n}] {w.dtype} CUDA tensor")
 
 

@@ -4,9 +4,14 @@ weights come from fixed integers, for tests that pin bytes."""
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from esparse.format.ft_format import FTConfig, linear_specs, perm_names
+from esparse.format.ft_loader import FTFolder
+from esparse.format.nm_pack import PackedNM
 
 SAMPLE_TEXT = (
     "The quick brown fox jumps over the lazy dog. Sparse matrices keep two of every four weights. "
@@ -121,3 +126,33 @@ def one_error(capsys) -> str:
     lines = [line for line in err.splitlines() if "error" in line.lower()]
     assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("esparse: error:"), err[-2000:]
     return lines[0]
+
+
+@dataclass
+class FTWeights:
+    cfg: FTConfig
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # replicated, by FT name
+    linears: dict[str, torch.Tensor | PackedNM] = field(default_factory=dict)  # torch layout [out, in]
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)  # column-parallel biases, merged
+    perms: dict[str, torch.Tensor] = field(default_factory=dict)  # perm stem -> int64 [K]
+
+    def dense(self, name: str) -> torch.Tensor:
+        w = self.linears[name]
+        return w.to_dense() if isinstance(w, PackedNM) else w
+
+
+def load_ft(path: Path, tp: int | None = None) -> FTWeights:
+    """The whole folder in memory (the tests); the runtime reads it a layer at a time (:class:`FTFolder`)."""
+    src = FTFolder(path, tp)
+    out = FTWeights(src.cfg)
+    out.tensors.update(src.model_tensors())
+    for i in range(src.cfg.n_layers):
+        lw = src.layer(i)
+        out.tensors.update(lw.tensors)
+        out.linears.update(lw.linears)
+        for spec in linear_specs(src.cfg, i):
+            if spec.bias:
+                (out.biases if spec.parallel == "col" else out.tensors)[spec.bias_name] = lw.biases[spec.bias_name]
+        names = perm_names(src.cfg, i)
+        out.perms.update({names[g]: p for g, p in lw.perms.items()})
+    return out

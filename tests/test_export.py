@@ -12,9 +12,10 @@ from esparse.converter.serving_order import serving_layer
 from esparse.errors import EsparseError
 from esparse.format.families import FAMILIES
 from esparse.format.ft_format import linear_specs
-from esparse.format.ft_loader import load_ft
 from esparse.format.nm_pack import PackedNM, pack_nm, unpack_nm
 from esparse.format.pruned import read_prune_meta
+
+from helpers import load_ft
 
 
 def _reference_pack(w, n, m):

@@ -103,7 +103,8 @@ def test_corrupt_packed_indices_are_refused_in_memory_and_on_disk(tmp_path, cali
     raw[0] = 0b0000  # positions (0, 0) in the first group of row 0
     meta.write_bytes(bytes(raw))
     from esparse.errors import EsparseError
-    from esparse.format.ft_loader import load_ft
+
+    from helpers import load_ft
 
     with pytest.raises(EsparseError, match="does not match its sha256"):  # the checksum catches it first
         load_ft(tmp_path / "ft")
@@ -240,7 +241,8 @@ def test_corrupt_model_files_are_one_clear_error(tmp_path, calib_file, damage, c
 def test_flipped_byte_in_an_exported_file_is_caught_at_load(tmp_path, calib_file):
     from esparse.errors import EsparseError
     from esparse.format.ft_format import CHECKSUMS_FILE
-    from esparse.format.ft_loader import load_ft
+
+    from helpers import load_ft
 
     src = save_model("llama", tmp_path / "src")
     assert _prune(src, calib_file, tmp_path / "p") == 0

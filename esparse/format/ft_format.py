@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MAX_M = 32  # the widest N:M group the format takes (5 index bits); sparse tensor cores take 2:4
-DTYPE_NAMES = DTYPES  # config.ini's dtype names (one table: esparse/devices.py)
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ class FTConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPE_NAMES[self.dtype]
+        return DTYPES[self.dtype]
 
     @property
     def section(self) -> str:
@@ -281,8 +280,8 @@ def check_config(cfg: FTConfig) -> None:
         raise bad("layernorm_eps", cfg.eps, "is not a number in (0, 1)")
     if not (_number(cfg.rope_theta) and math.isfinite(cfg.rope_theta) and cfg.rope_theta > 0):
         raise bad("rope_theta", cfg.rope_theta, "is not a positive finite number")
-    if cfg.dtype not in DTYPE_NAMES:
-        raise bad("weight_data_type", cfg.dtype, f"is not one of {', '.join(DTYPE_NAMES)}")
+    if cfg.dtype not in DTYPES:
+        raise bad("weight_data_type", cfg.dtype, f"is not one of {', '.join(DTYPES)}")
     if cfg.tp not in (1, 2, 4, 8):
         raise bad("tensor_para_size", cfg.tp, "is not 1, 2, 4 or 8")
     parse_nm(cfg.sparsity, "config.ini: sparsity")

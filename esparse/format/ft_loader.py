@@ -40,19 +40,6 @@ from .nm_pack import PackedNM, check_packed, pack_indices, rows_are_whole_bytes,
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class FTWeights:
-    cfg: FTConfig
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # replicated, by FT name
-    linears: dict[str, torch.Tensor | PackedNM] = field(default_factory=dict)  # torch layout [out, in]
-    biases: dict[str, torch.Tensor] = field(default_factory=dict)  # column-parallel biases, merged
-    perms: dict[str, torch.Tensor] = field(default_factory=dict)  # perm stem -> int64 [K]
-
-    def dense(self, name: str) -> torch.Tensor:
-        w = self.linears[name]
-        return w.to_dense() if isinstance(w, PackedNM) else w
-
-
 def resolve_folder(path: Path, tp: int | None = None) -> Path:
     path = Path(path)
     if not path.exists():
@@ -212,20 +199,3 @@ class FTFolder:
         else:
             meta = pack_indices(torch.cat([unpack_indices(mt, k, n, m) for mt in metas], 1), spec.k, n, m)
         return PackedNM(values, meta.contiguous(), n, m, spec.k)
-
-
-def load_ft(path: Path, tp: int | None = None) -> FTWeights:
-    """The whole folder in memory (tools and tests); the runtime reads it a layer at a time (:class:`FTFolder`)."""
-    src = FTFolder(path, tp)
-    out = FTWeights(src.cfg)
-    out.tensors.update(src.model_tensors())
-    for i in range(src.cfg.n_layers):
-        lw = src.layer(i)
-        out.tensors.update(lw.tensors)
-        out.linears.update(lw.linears)
-        for spec in linear_specs(src.cfg, i):
-            if spec.bias:
-                (out.biases if spec.parallel == "col" else out.tensors)[spec.bias_name] = lw.biases[spec.bias_name]
-        names = perm_names(src.cfg, i)
-        out.perms.update({names[g]: p for g, p in lw.perms.items()})
-    return out

@@ -1,6 +1,6 @@
 """The pruned HF folder that `esparse prune` writes and `esparse export` reads: an ordinary Hugging Face folder
 (safetensors, config, tokenizer) plus ``esparse.json`` (what was done: pattern, method, settings, report) and
-``esparse_perms.safetensors`` (the channel permutation of each sharing group, ``layers.<i>.<group>``, int64,
+``esparse_perms.safetensors`` (the channel permutation of each sharing group, ``layers.<i>.<group>``, int32,
 not yet applied to the weights). docs/format.md describes both files."""
 
 from __future__ import annotations
