@@ -178,7 +178,10 @@ def _swap_contents(tmp: Path, out: Path) -> None:
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``out``; on success it gets the esparse marker and replaces ``out``, on
-    failure it is removed. A write error (full disk, permissions) becomes one error line."""
+    failure it is removed. A write error (full disk, permissions) becomes one error line.
+
+    Kept in one function: the order of its steps (record the temporary under held signals, swap, clean up on
+    every exit path) is the guarantee, and it reads best top to bottom."""
     given = Path(out)
     out = _abs(out)
     check_output_dir(out, overwrite)

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from esparse.devices import DTYPES
 from esparse.errors import EsparseError
-from esparse.format.families import family
+from esparse.format.families import GROUPS, family
 from esparse.format.ft_format import (
     LM_HEAD,
     FTConfig,
@@ -113,7 +114,45 @@ def rank_slice(w: torch.Tensor, spec: LinearSpec, tp: int, r: int) -> torch.Tens
     return torch.cat(parts, 0)
 
 
-def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwrite: bool = False) -> ExportReport:
+def _write_linear(folder: Path, spec: LinearSpec, w: torch.Tensor, b: torch.Tensor | None, cfg: FTConfig
+                  ) -> tuple[int, int]:
+    """Every rank's shard of one linear (packed N:M or dense) and of its column-parallel bias; returns (bytes
+    of the weight shards, bytes of the bias shards)."""
+    nm, tp = cfg.nm, cfg.tp
+    weight_bytes = bias_bytes = 0
+    for r in range(tp):
+        wr = rank_slice(w, spec, tp, r) if spec.parallel == "col" else w.chunk(tp, 1)[r]
+        names = linear_files(spec, r, nm is not None)
+        if nm:
+            packed = pack_nm(wr, *nm)
+            weight_bytes += write_tensor(packed.values, folder / names["values"])
+            weight_bytes += write_tensor(packed.meta, folder / names["meta"])
+        else:
+            weight_bytes += write_tensor(wr.t(), folder / names["dense"])
+        if b is not None and spec.parallel == "col":
+            bias_bytes += write_tensor(rank_slice(b, spec, tp, r), folder / bias_file(spec, r))
+    return weight_bytes, bias_bytes
+
+
+def _write_replicated(folder: Path, cfg: FTConfig, model: nn.Module, dtype: torch.dtype, src: Path) -> int:
+    """The tensors every rank reads whole (embeddings, norms, row-parallel biases, lm_head); returns bytes."""
+    fam, state, written = cfg.family, model.state_dict(), 0
+    runtime = runtime_names(cfg)
+    for name, (_, hf_key) in replicated_specs(cfg).items():
+        t = state.get(hf_key)
+        if name == LM_HEAD and t is None and model.config.tie_word_embeddings:
+            t = state[fam.hf_embed]  # tied embeddings
+        if t is None:  # load_model refuses missing weights; this is the exporter's own guard
+            raise EsparseError(f"{src} has no tensor {hf_key}: re-save the model with all its weights")
+        if runtime.get(name) == "pos_embeddings.weight":
+            t = t[fam.position_offset:]  # rows of HF's table before position 0 (OPT: 2)
+        written += write_tensor(t.to(dtype), folder / tensor_file(name))
+    return written
+
+
+def _plan(src: Path, out: Path, tp: int, dtype: str, overwrite: bool) -> tuple[FTConfig, dict]:
+    """Everything checked before the weights load: output place, config variants, the split, the disk space.
+    Returns (the planned config, the permutations of esparse_perms.safetensors)."""
     if dtype not in DTYPES:
         raise EsparseError(f"--dtype {dtype}: use fp16, bf16 or fp32")
     check_output_location(Path(out), [Path(src)])
@@ -124,18 +163,22 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
     sparsity, method = str(meta.get("pattern", "")), meta.get("method", "dense")
     permuted = sorted({k.split(".")[-1] for k in perms})
     planned = ft_config_from_hf(read_model_config(Path(src)), tp, dtype, sparsity, method, permuted)
-    check_tp(planned)  # before the weights load: the split and the disk space follow from the config alone
+    check_tp(planned)  # the split and the disk space follow from the config alone
     check_free_space(Path(out), sum(expected_files(planned).values()))
+    return planned, perms
+
+
+def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwrite: bool = False) -> ExportReport:
+    """``esparse export``: a pruned (or dense) HF folder or GGUF -> the FT folder ``out``/<tp>-gpu, written
+    into a temporary folder and swapped in complete."""
+    planned, perms = _plan(src, out, tp, dtype, overwrite)
     torch_dtype = DTYPES[dtype]
     model = load_model(src, dtype=torch_dtype)
     check_perms(perms, model, Path(src))
-    cfg = ft_config_from_hf(model.config, tp, dtype, sparsity, method, permuted)
-    fam = cfg.family
-    nm = cfg.nm
+    cfg = ft_config_from_hf(model.config, tp, dtype, planned.sparsity, planned.method, planned.permuted)
     heads = head_shape(model.config)
-    state = model.state_dict()
     item = torch.tensor([], dtype=torch_dtype).element_size()
-    dense_lin = written_lin = other = 0
+    dense_lin = written_lin = 0
     with atomic_output_dir(Path(out), overwrite) as tmp:
         folder = rank_dir(tmp, tp)
         folder.mkdir()
@@ -145,37 +188,18 @@ def export_folder(src: Path, out: Path, tp: int = 1, dtype: str = "fp16", overwr
             copy_tokenizer_files(Path(src), tmp)
         write_tokenizer_manifest(tmp)
         write_config(cfg, folder / "config.ini")
-        runtime = runtime_names(cfg)
-        for name, (_, hf_key) in replicated_specs(cfg).items():
-            t = state.get(hf_key)
-            if name == LM_HEAD and t is None and model.config.tie_word_embeddings:
-                t = state[fam.hf_embed]  # tied embeddings
-            if t is None:  # load_model refuses missing weights; this is the exporter's own guard
-                raise EsparseError(f"{src} has no tensor {hf_key}: re-save the model with all its weights")
-            if runtime.get(name) == "pos_embeddings.weight":
-                t = t[fam.position_offset:]  # rows of HF's table before position 0 (OPT: 2)
-            other += write_tensor(t.to(torch_dtype), folder / tensor_file(name))
+        other = _write_replicated(folder, cfg, model, torch_dtype, Path(src))
         layers = decoder_base(model).layers
         for i in tqdm(range(cfg.n_layers), desc="export", unit="layer"):
             tensors = {k: v.to(torch_dtype) for k, v in layers[i].state_dict().items()}
-            lp = {g: p for g in ("attn_in", "attn_out", "mlp_in", "mlp_out")
-                  if (p := perms.get(f"layers.{i}.{g}")) is not None}
-            tensors, _ = serving_layer(fam, tensors, lp, heads)
+            lp = {g: p for g in GROUPS if (p := perms.get(f"layers.{i}.{g}")) is not None}
+            tensors, _ = serving_layer(cfg.family, tensors, lp, heads)
             for spec in linear_specs(cfg, i):
                 w = torch.cat([tensors[f"{h}.weight"] for h in spec.hf], 0)
                 b = torch.cat([tensors[f"{h}.bias"] for h in spec.hf], 0) if spec.bias else None
                 dense_lin += w.numel() * item
-                for r in range(tp):
-                    wr = rank_slice(w, spec, tp, r) if spec.parallel == "col" else w.chunk(tp, 1)[r]
-                    names = linear_files(spec, r, nm is not None)
-                    if nm:
-                        packed = pack_nm(wr, *nm)
-                        written_lin += write_tensor(packed.values, folder / names["values"])
-                        written_lin += write_tensor(packed.meta, folder / names["meta"])
-                    else:
-                        written_lin += write_tensor(wr.t(), folder / names["dense"])
-                    if b is not None and spec.parallel == "col":
-                        other += write_tensor(rank_slice(b, spec, tp, r), folder / bias_file(spec, r))
+                lin_bytes, bias_bytes = _write_linear(folder, spec, w, b, cfg)
+                written_lin, other = written_lin + lin_bytes, other + bias_bytes
             for group, stem in perm_names(cfg, i).items():
                 if group in lp:
                     other += write_tensor(lp[group].to(torch.int32), folder / tensor_file(stem))

@@ -25,7 +25,8 @@ def refine_nm_mask(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.Tens
     Gram matrix ``hessian`` [K, K], after at most ``iters`` swaps per row. ``damp`` adds that fraction of
     mean(diag H) to the diagonal (a Gram matrix from few calibration tokens is noisy: damping pulls the
     objective toward the per-channel error). Returns (mask, fraction of the (damped) output error removed:
-    1 - L_after / L_before summed over rows)."""
+    1 - L_after / L_before summed over rows). One function: the swap search is a single batched loop whose
+    state (residual, gains per candidate) would only be passed around if split."""
     r_all, k = weight.shape
     n = int(mask[0, :m].sum())  # kept per group (the same in every group of an N:M mask)
     dt = torch.float64 if weight.dtype == torch.float64 else torch.float32

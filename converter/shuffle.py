@@ -86,7 +86,8 @@ def local_block_shuffle(
     iters: int = 100,
     mem_budget: int = 1 << 28,
 ) -> torch.Tensor:
-    """Refine ``perm`` [B, K] by greedy best swaps inside blocks; never lowers F."""
+    """Refine ``perm`` [B, K] by greedy best swaps inside blocks; never lowers F. One function because it is one
+    vectorised loop over the algorithm's state (scores of every candidate swap, kept in memory budget chunks)."""
     bsz, r, k = s.shape
     bk = _block_size(k, m, block)
     nblk, g = k // bk, bk // m

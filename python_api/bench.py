@@ -151,6 +151,8 @@ def strongest_dense(results: dict[str, dict], batch: int) -> str | None:
 
 
 def _table(results: dict[str, dict], batches: list[int], meta: dict) -> tuple[list[str], list[list]]:
+    """The printed table: one row per metric, one column per backend and per sparse backend against the
+    strongest dense (a list of rows, each a line of the output: long because the table is)."""
     names = list(results)
     sparse = [n for n in names if n in ("sparse", "cusparselt")]
     header = ["metric", *names, *[f"{n}/best dense" for n in sparse]]

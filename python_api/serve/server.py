@@ -87,7 +87,11 @@ class RequestCounter:
 
 def create_app(engine: Engine, codec: TextCodec, model_name: str, metrics: ServeMetrics | None = None,
                request_timeout: float = 600.0, drain_timeout: float | None = None) -> FastAPI:
-    """The application over ``engine`` (started with the app's lifespan, drained and stopped at its end)."""
+    """The application over ``engine`` (started with the app's lifespan, drained and stopped at its end).
+
+    Long on purpose: every route is a closure over the one engine, codec and metrics of this app (FastAPI's
+    usual shape), so the whole HTTP surface reads in one place; the work each route does lives in the engine,
+    protocol and text modules."""
     metrics = metrics or (engine.observer if isinstance(engine.observer, ServeMetrics) else None)
     aengine = AsyncEngine(engine)
     max_len = engine.config.max_len
