@@ -591,6 +591,13 @@ def test_serve_cli_refuses_bad_arguments(tiny, capsys):
     assert main(["serve", str(ft), "--device", "cpu", "--max-len", "4096", "--port", "0"]) == 2
     assert "exceeds the model's 128 positions" in capsys.readouterr().err
     assert main(["serve", "--device", "cpu"]) == 2
+    from esparse import limits
+
+    with pytest.MonkeyPatch.context() as mp:  # a cache the machine cannot hold: refused before it is allocated
+        mp.setattr(limits, "free_memory", lambda device: 1 << 20)
+        assert main(["serve", str(ft), "--device", "cpu", "--max-batch", "64", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "the KV cache of --max-batch 64 x --max-len" in err and "lower --max-batch or --max-len" in err, err
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

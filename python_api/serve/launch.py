@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from esparse.errors import EsparseError
+from esparse.limits import check_fits
 
 from ..loader import build_decoder, default_backend, load_decoder
 from ..model import Transformer
@@ -63,6 +64,8 @@ def make_engine(model: Transformer, codec: TextCodec, config: EngineConfig, obse
     cfg = model.cfg
     kv_bytes = 2 * cfg.n_layers * config.max_batch * config.max_len * cfg.n_kv * cfg.head_dim * model.dtype.itemsize
     log.info("KV cache: %d rows x %d slots = %.2f GiB", config.max_batch, config.max_len, kv_bytes / 2**30)
+    check_fits(kv_bytes, model.device, f"the KV cache of --max-batch {config.max_batch} x --max-len {config.max_len}",
+               "lower --max-batch or --max-len")  # refused before allocating (the CPU would not raise: it swaps)
     try:
         return Engine(model, config, codec.eos_ids, observer)
     except torch.OutOfMemoryError:
