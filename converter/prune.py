@@ -278,7 +278,7 @@ def prune_model(
             factor = channel_factor(stats[g.name], cfg.metric) if cfg.metric.needs_stats else None
             scores = [importance(lin.weight, factor) for lin in lins]
             seconds["score"] += time.perf_counter() - t
-            stage(f"{'shuffle' if cfg.shuffles else 'mask'}{' + refine' if cfg.refine else ''} {g.name}")
+            stage(f"{'shuffle' if cfg.shuffles else 'mask'} {g.name}{' + refine' if cfg.refine else ''}")
             t = time.perf_counter()
             perm, frac = _group_perm(scores, g, heads, cfg)
             if cfg.shuffles:
