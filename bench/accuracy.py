@@ -23,6 +23,7 @@ bar chart under --out.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import sys
@@ -136,6 +137,9 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--seeds", default=None, help="calibration seeds, comma list (default 0,1,2; --quick: 0)")
     ap.add_argument("--out", type=Path, default=Path("results/accuracy"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs (variant, seed) already in --out's accuracy.json (same protocol) and measure "
+                         "only the missing ones")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cpu = args.cpu_protocol
@@ -174,11 +178,23 @@ def main() -> None:
         "command": "python bench/accuracy.py " + " ".join(sys.argv[1:]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    results = []
+    results: list[dict] = []
+    done: dict[str, list[dict]] = {}  # --resume: the runs (seeds) a stopped run of the same protocol measured
+    out_json = args.out / "accuracy.json"
+    if args.resume and out_json.is_file():
+        old = json.loads(out_json.read_text())
+        same = {k: v for k, v in old.get("protocol", {}).items() if k != "command"} == {
+            k: v for k, v in protocol.items() if k != "command"}
+        if not same:
+            raise SystemExit(f"--resume: {out_json} was measured with another protocol; use another --out")
+        done = {r["variant"]: r["runs"] for r in old["results"]}
+        results = [r for r in old["results"] if r["variant"] not in chosen]  # rows of variants not asked for now
     for name, cfg in chosen.items():
         needs_calib = cfg is not None and cfg.needs_calibration
-        runs = []
+        runs = [r for r in done.get(name, []) if r["seed"] in (seeds if needs_calib else seeds[:1])]
         for seed in seeds if needs_calib else seeds[:1]:
+            if any(r["seed"] == seed for r in runs):
+                continue
             model.load_state_dict(dense_state)
             t0 = time.perf_counter()
             if cfg is not None:
@@ -194,14 +210,11 @@ def main() -> None:
                 }
             )
             model.to("cpu")
-        row = {
-            "variant": name,
-            "runs": runs,
-            "config": cfg.to_json() if cfg else None,
-            "ppl": {t: statistics.fmean(r["ppl"][t] for r in runs) for t in texts},
-            "spread": {t: max(r["ppl"][t] for r in runs) - min(r["ppl"][t] for r in runs) for t in texts},
-            "prune_seconds": statistics.fmean(r["prune_seconds"] for r in runs),
-        }
+            # every finished seed is written at once (a row of the seeds so far): a run stopped between seeds
+            # keeps what it measured, and --resume goes on from there
+            write_json(out_json, {"env": environment(), "protocol": protocol,
+                                  "results": [*results, _row(name, cfg, runs, texts)]})
+        row = _row(name, cfg, runs, texts)
         results.append(row)
         print(
             f"{name:<40} "
@@ -209,7 +222,7 @@ def main() -> None:
             + f"  {row['prune_seconds']:6.1f}s  ({len(runs)} run(s))",
             flush=True,
         )
-        write_json(args.out / "accuracy.json", {"env": environment(), "protocol": protocol, "results": results})
+        write_json(out_json, {"env": environment(), "protocol": protocol, "results": results})
     header = ["variant", *(f"{t} mean" for t in texts), *(f"{t} spread" for t in texts), "prune s", "runs"]
     rows = [
         [r["variant"], *r["ppl"].values(), *r["spread"].values(), r["prune_seconds"], len(r["runs"])] for r in results
@@ -219,6 +232,18 @@ def main() -> None:
     plot(results, list(texts), args.out / "accuracy.png", model_name.split(" ")[0])
     (args.out / "protocol.md").write_text(protocol_md(protocol, header, rows))
     print(f"\nwrote {args.out}/accuracy.json, protocol.md and accuracy.png")
+
+
+def _row(name: str, cfg: PruneConfig | None, runs: list[dict], texts) -> dict:
+    """A table row: the runs (one per calibration seed), their mean and spread (max - min) per text."""
+    return {
+        "variant": name,
+        "runs": runs,
+        "config": cfg.to_json() if cfg else None,
+        "ppl": {t: statistics.fmean(r["ppl"][t] for r in runs) for t in texts},
+        "spread": {t: max(r["ppl"][t] for r in runs) - min(r["ppl"][t] for r in runs) for t in texts},
+        "prune_seconds": statistics.fmean(r["prune_seconds"] for r in runs),
+    }
 
 
 def protocol_md(protocol: dict, header: list[str], rows: list[list]) -> str:
