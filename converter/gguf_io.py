@@ -1,5 +1,9 @@
 """GGUF input: dequantize through transformers' own GGUF loader into a plain fp16 HF model.
 
+Architectures read: ``llama`` and ``qwen2`` (LLaMA's layout plus q/k/v biases; e.g. Qwen2.5-Coder-0.5B as a
+Q4_K_M GGUF); any quantization the ``gguf`` package dequantizes becomes float. Anything else is refused from
+the header, in one line, before transformers reads a tensor.
+
 Traps handled (see docs/real_assets.md of the team): a GGUF-loaded model refuses ``save_pretrained``, so
 we rebuild a fresh model from its config and load the state dict; ``GgufConfig(dequantize=True)`` keeps
 packed GGUF linears out; ``rope_theta`` is written at the top of config.json for transformers 4.x readers.
@@ -32,6 +36,8 @@ def require_gguf() -> None:
 
 
 LLAMA_HPARAMS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
+# the GGUF architectures esparse reads -> the per-block bias tensors (besides LLaMA's weights) each must carry
+GGUF_ARCHS = {"llama": (), "qwen2": ("attn_q", "attn_k", "attn_v")}
 
 
 def _reader(path: Path):
@@ -66,25 +72,26 @@ def _int_field(reader, key: str, path: Path) -> int | None:
     return value
 
 
-def check_llama_gguf(path: Path) -> None:
-    """Every hyperparameter, tensor and tokenizer list a LLaMA needs is in the file and they agree: the blocks
-    present are exactly 0..block_count-1, every tensor has the shape the hyperparameters give, and the tokenizer's
-    ids fit the embedding. Checked against the file itself (not against a model transformers has already filled
-    with random values, and with no fallback defaults), from its header only."""
+def check_llama_gguf(path: Path, arch: str = "llama") -> None:
+    """Every hyperparameter, tensor and tokenizer list a LLaMA (or Qwen2: the same with q/k/v biases) needs is
+    in the file and they agree: the blocks present are exactly 0..block_count-1, every tensor has the shape the
+    hyperparameters give, and the tokenizer's ids fit the embedding. Checked against the file itself (not against
+    a model transformers has already filled with random values, and with no fallback defaults), from its header
+    only."""
     reader = _reader(path)
-    missing = [f"llama.{k}" for k in LLAMA_HPARAMS if f"llama.{k}" not in reader.fields]
+    missing = [f"{arch}.{k}" for k in LLAMA_HPARAMS if f"{arch}.{k}" not in reader.fields]
     if missing:
         raise EsparseError(f"{path} lacks the hyperparameters {', '.join(missing)}: an incomplete GGUF; "
                            "re-download or re-convert the model")
-    n_layers, hidden, ffn, heads = (_int_field(reader, f"llama.{k}", path) for k in LLAMA_HPARAMS)
-    kv = _int_field(reader, "llama.attention.head_count_kv", path) or heads
-    head_dim = _int_field(reader, "llama.attention.key_length", path) or hidden // heads
+    n_layers, hidden, ffn, heads = (_int_field(reader, f"{arch}.{k}", path) for k in LLAMA_HPARAMS)
+    kv = _int_field(reader, f"{arch}.attention.head_count_kv", path) or heads
+    head_dim = _int_field(reader, f"{arch}.attention.key_length", path) or hidden // heads
     shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
     blocks = {int(m[1]) for name in shapes if (m := re.match(r"blk\.(\d+)\.", name))}
     extra = sorted(b for b in blocks if b >= n_layers)
     if extra or len(blocks) != n_layers:  # (never a set of block_count numbers: the header may say 10^9)
-        what = (f"tensors of block {extra[0]}, past llama.block_count = {n_layers}" if extra else
-                f"only {len(blocks)} of the {n_layers} blocks llama.block_count names")
+        what = (f"tensors of block {extra[0]}, past {arch}.block_count = {n_layers}" if extra else
+                f"only {len(blocks)} of the {n_layers} blocks {arch}.block_count names")
         raise EsparseError(f"{path} has {what}: the header and the tensors disagree (a corrupt or incomplete GGUF); "
                            "re-download or re-convert it")
     vocab = shapes.get("token_embd.weight", (0, 0))[-1]
@@ -95,11 +102,14 @@ def check_llama_gguf(path: Path) -> None:
     per_block = {"attn_norm": (hidden,), "ffn_norm": (hidden,), "attn_q": (hidden, q), "attn_k": (hidden, k),
                  "attn_v": (hidden, k), "attn_output": (q, hidden), "ffn_gate": (hidden, ffn), "ffn_up": (hidden, ffn),
                  "ffn_down": (ffn, hidden)}
+    bias_width = {"attn_q": q, "attn_k": k, "attn_v": k}
     for i in range(n_layers):
         want.update({f"blk.{i}.{t}.weight": shape for t, shape in per_block.items()})
+        want.update({f"blk.{i}.{t}.bias": (bias_width[t],) for t in GGUF_ARCHS[arch]})
     absent = [t for t in want if t not in shapes]
     if absent:
-        raise EsparseError(f"{path} lacks {len(absent)} of the {len(want)} tensors a {n_layers}-layer LLaMA needs "
+        name = {"llama": "LLaMA", "qwen2": "Qwen2"}[arch]
+        raise EsparseError(f"{path} lacks {len(absent)} of the {len(want)} tensors a {n_layers}-layer {name} needs "
                            f"(first: {', '.join(absent[:3])}): an incomplete GGUF; re-download or re-convert it")
     wrong = [t for t, shape in want.items() if shapes[t] != shape]
     if wrong:
@@ -116,6 +126,19 @@ def check_llama_gguf(path: Path) -> None:
                            f"{vocab}: a corrupt GGUF; re-download or re-convert it")
 
 
+def check_gguf(path: Path) -> str:
+    """The file's architecture, once it is one esparse reads and its header and tensors agree
+    (:func:`check_llama_gguf`); one clear error otherwise."""
+    arch = gguf_architecture(path)
+    if arch not in GGUF_ARCHS:
+        raise EsparseError(
+            f"unsupported GGUF architecture {arch!r} in {path}: esparse reads {' and '.join(GGUF_ARCHS)} GGUF "
+            "files (OPT has no GGUF form); convert other models to a HF folder first"
+        )
+    check_llama_gguf(path, arch)
+    return arch
+
+
 def gguf_param_count(path: Path) -> int:
     """Values of every tensor of a GGUF, from its header."""
     total = 0
@@ -128,19 +151,14 @@ def gguf_param_count(path: Path) -> int:
 
 
 def load_gguf_model(path: Path, dtype: torch.dtype = torch.float16) -> nn.Module:
-    """Dequantize a LLaMA GGUF into an ordinary (saveable) ``LlamaForCausalLM``."""
+    """Dequantize a LLaMA or Qwen2 GGUF into an ordinary (saveable) ``LlamaForCausalLM`` /
+    ``Qwen2ForCausalLM``."""
     from transformers import AutoConfig, AutoModelForCausalLM, GgufConfig
 
     path = Path(path)
     if not path.is_file():
         raise EsparseError(f"GGUF file {path} does not exist")
-    arch = gguf_architecture(path)
-    if arch != "llama":
-        raise EsparseError(
-            f"unsupported GGUF architecture {arch!r} in {path}: esparse reads LLaMA GGUF files "
-            "(OPT has no GGUF form); convert other models to a HF folder first"
-        )
-    check_llama_gguf(path)
+    check_gguf(path)
     kwargs = dict(gguf_file=path.name, dtype=torch.float32)
     try:
         qcfg = GgufConfig(gguf_file=path.name, dequantize=True)

@@ -101,13 +101,9 @@ def check_model_path(path: Path) -> None:
     if is_gguf(path):
         if not path.is_file():
             raise EsparseError(f"GGUF file {path} does not exist")
-        from .gguf_io import check_llama_gguf, gguf_architecture
+        from .gguf_io import check_gguf
 
-        arch = gguf_architecture(path)
-        if arch != "llama":
-            raise EsparseError(f"unsupported GGUF architecture {arch!r} in {path}: esparse reads LLaMA GGUF files "
-                               "(OPT has no GGUF form); convert other models to a HF folder first")
-        check_llama_gguf(path)
+        check_gguf(path)
     else:
         config = read_hf_config(path)
         try:
@@ -173,10 +169,10 @@ def load_tokenizer(path: str | Path):
     if not path.exists():
         raise EsparseError(f"{path} does not exist")
     if is_gguf(path):
-        from .gguf_io import check_llama_gguf, require_gguf
+        from .gguf_io import check_gguf, require_gguf
 
         require_gguf()
-        check_llama_gguf(path)  # a readable LLaMA GGUF with a tokenizer, before transformers parses it
+        check_gguf(path)  # a readable LLaMA / Qwen2 GGUF with a tokenizer, before transformers parses it
         try:
             return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         except Exception as e:  # the GGUF tokenizer converter raises any error type on odd metadata

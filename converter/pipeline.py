@@ -112,7 +112,9 @@ def prune_checkpoint(
     """Load, calibrate, prune and write ``out`` atomically. Returns the per-layer report. ``calib_path`` may be
     None only for a method that needs no calibration (magnitude without refinement)."""
     if calib_path is None and cfg.needs_calibration:
-        flags = f"--method {cfg.metric.method}" + (f" --refine {cfg.refine}" if cfg.refine else "")
+        # (--refine is named only where it is what needs the text: magnitude, whose score reads none)
+        flags = f"--method {cfg.metric.method}" + (f" --refine {cfg.refine}" if cfg.refine and not
+                                                   cfg.metric.needs_stats else "")
         raise EsparseError(f"{flags} chooses its masks from calibration activations: give --calib TEXT (plain "
                            "text, <doc>-tagged text or JSON lines with a \"text\" field)")
     # a --calib the method does not read is still an input that --overwrite must never destroy

@@ -43,24 +43,29 @@ class PruneConfig:
     bins: int = 256
     sparsegpt_block: int = 128  # columns per lazy-update block (SparseGPT only)
     sparsegpt_damp: float = 0.01  # dampening, fraction of mean(diag H) (SparseGPT only)
-    refine: int = 0  # mask refinement: at most this many kept/pruned swaps per row (0: off; converter/refine.py)
+    refine: int | None = None  # mask refinement: at most this many kept/pruned swaps per row (0: off;
+    # converter/refine.py); None: the method's preset (ESPARSE_DEFAULTS["refine"] for E-Sparse, off otherwise)
     refine_damp: float = 0.01  # added to diag(X X^T) for the refinement, fraction of its mean (as SparseGPT)
 
     @classmethod
     def for_method(cls, method: str, n: int = 2, m: int = 4, **overrides) -> PruneConfig:
-        """The preset of a method: E-Sparse with its shuffles (GNS + LBS), the baselines (magnitude, Wanda,
-        SparseGPT) without; ``overrides`` replace any field (``alpha=`` etc. go to the metric)."""
+        """The preset of a method: E-Sparse with its defaults (converter/defaults.py: LBS and mask refinement on,
+        GNS off), the baselines (magnitude, Wanda, SparseGPT) as published, without shuffles or refinement;
+        ``overrides`` replace any field (``alpha=`` etc. go to the metric)."""
         metric_keys = {"alpha", "estimator", "combine"}
         metric = MetricConfig(method, **{k: overrides.pop(k) for k in list(overrides) if k in metric_keys})
         return cls(n=n, m=m, metric=metric, **overrides)
 
     def __post_init__(self) -> None:
-        # The shuffles are E-Sparse's; a baseline metric given without them runs as published (no shuffles).
+        # The shuffles and the refinement are E-Sparse's; a baseline metric given without them runs as published.
+        # The resolved values are what esparse.json's "config" records (to_json), never "preset" or None.
         es = self.metric.method == "esparse"
         if self.gns == "preset":
             object.__setattr__(self, "gns", ESPARSE_DEFAULTS["gns"] if es else None)
         if self.lbs is None:
             object.__setattr__(self, "lbs", es)
+        if self.refine is None:
+            object.__setattr__(self, "refine", ESPARSE_DEFAULTS["refine"] if es else 0)
         if self.refine < 0:
             raise ValueError(f"refine is a number of swaps per row (>= 0), got {self.refine}")
         if self.refine and self.metric.updates_weights:
@@ -238,24 +243,32 @@ def prune_model(
         seconds["capture"] += time.perf_counter() - t0
     result = PruneResult({}, [], seconds)
     bar = tqdm(range(len(layers)), desc="prune", unit="layer")
+    last: float | None = None  # seconds the previous layer took: shown beside the stage in the progress bar
+
+    def stage(what: str) -> None:
+        """The bar's postfix: the running stage and the last layer's time (the rate tqdm shows is an average
+        that hides a slow stage such as the refinement; a user sizing a 7B run wants seconds per layer)."""
+        bar.set_postfix_str(what if last is None else f"{what} | last layer {last:.1f}s")
+
     for i in bar:
+        t_layer = time.perf_counter()
         home = next(layers[i].parameters()).device  # layers return where they were (CPU offload or not)
         layer = layers[i].to(device)
         stats: dict[str, ChannelStats] = {}
         hess: dict[str, torch.Tensor] = {}  # X X^T per group, for the mask refinement only
         if cfg.metric.needs_stats:
-            bar.set_postfix_str("stats")
+            stage("stats")
             t = time.perf_counter()
             stats = _gather_stats(layer, groups, batches, cfg, hess if cfg.refine else None)
             seconds["stats"] += time.perf_counter() - t
         report: dict = {"sparsity": {}, "kept": {}}
         if cfg.metric.updates_weights:
-            bar.set_postfix_str("sparsegpt")
+            stage("sparsegpt")
             t = time.perf_counter()
             _sparsegpt_layer(layer, groups, batches, cfg, report)
             seconds["sparsegpt"] += time.perf_counter() - t
         if cfg.refine and not cfg.metric.needs_stats:  # magnitude: no statistics pass to share
-            bar.set_postfix_str("gram")
+            stage("gram")
             t = time.perf_counter()
             hess = _collect_grams(layer, groups, batches)
             seconds["refine"] += time.perf_counter() - t
@@ -265,7 +278,7 @@ def prune_model(
             factor = channel_factor(stats[g.name], cfg.metric) if cfg.metric.needs_stats else None
             scores = [importance(lin.weight, factor) for lin in lins]
             seconds["score"] += time.perf_counter() - t
-            bar.set_postfix_str(f"{'shuffle' if cfg.shuffles else 'mask'} {g.name}")  # Wanda etc. do not shuffle
+            stage(f"{'shuffle' if cfg.shuffles else 'mask'} {g.name}{' + refine' if cfg.refine else ''}")
             t = time.perf_counter()
             perm, frac = _group_perm(scores, g, heads, cfg)
             if cfg.shuffles:
@@ -288,13 +301,16 @@ def prune_model(
                 report["kept"][g.name] = frac
             seconds["mask"] += time.perf_counter() - t
         if batches is not None:  # the pruned layer's outputs are the next layer's calibration inputs
-            bar.set_postfix_str("forward")
+            stage("forward")
             t = time.perf_counter()
             new = _run_layer(layer, batches)
             batches = [(h, kw) for h, (_, kw) in zip(new, batches, strict=False)]
             seconds["forward"] += time.perf_counter() - t
         layers[i] = layer.to(home)
+        last = time.perf_counter() - t_layer
+        report["seconds"] = last
         result.layers.append(report)
+        stage("done")
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result

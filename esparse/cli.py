@@ -56,7 +56,8 @@ def _add_prune(sub) -> None:
                    help="cuda, cuda:N, cpu, or auto (the GPU when torch sees one)")
     p.add_argument("--no-shuffle", action="store_true", help="no channel shuffle at all (E-Sparse = Wanda then)")
     p.add_argument("--gns", choices=("serpentine", "round_robin", "off"), default=None,
-                   help="global naive shuffle (default: serpentine for esparse, off otherwise)")
+                   help=f"global naive shuffle (default: {ESPARSE_DEFAULTS['gns'] or 'off'} for esparse, off "
+                        "otherwise; docs/method.md)")
     p.add_argument("--lbs", choices=("on", "off"), default=None,
                    help="local block shuffle (default: on for esparse, off otherwise)")
     p.add_argument("--block", type=at.int_at_least(2), default=64, help="local shuffle block size (channels)")
@@ -70,9 +71,10 @@ def _add_prune(sub) -> None:
     p.add_argument("--combine", choices=("add", "mul"), default=None,
                    help=f"how the entropy joins Wanda's score: add |W|(n/mean n + alpha H/mean H) or mul "
                         f"|W| n H^alpha (default: {ESPARSE_DEFAULTS['combine']})")
-    p.add_argument("--refine", type=at.int_at_least(0), default=0, metavar="SWAPS",
+    p.add_argument("--refine", type=at.int_at_least(0), default=None, metavar="SWAPS",
                    help="mask refinement: up to SWAPS kept/pruned swaps per row that lower each linear's output "
-                        "error on the calibration text (weights unchanged; 0 = off; docs/method.md)")
+                        f"error on the calibration text (weights unchanged; 0 = off; default: "
+                        f"{ESPARSE_DEFAULTS['refine']} for esparse, off for the others; docs/method.md)")
     p.add_argument("--batch-size", type=at.int_at_least(1), default=8, help="calibration windows per forward call")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out (the old folder stays until the new one is complete)")
@@ -85,7 +87,9 @@ def build_prune_config(args) -> PruneConfig:  # noqa: F821
     from esparse.converter.prune import PruneConfig
 
     n, m = parse_pattern(args.pattern)
-    over: dict = {"block": args.block, "iters": args.iters, "batch_size": args.batch_size, "refine": args.refine}
+    over: dict = {"block": args.block, "iters": args.iters, "batch_size": args.batch_size}
+    if args.refine is not None:
+        over["refine"] = args.refine
     for key, value in (("alpha", args.alpha), ("estimator", args.entropy), ("combine", args.combine)):
         if value is not None:
             over[key] = value

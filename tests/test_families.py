@@ -1,7 +1,5 @@
-"""A new decoder family needs only a description (converter/families.py): Qwen2, described here from the
+"""A new decoder family needs only a description (esparse/format/families.py): Qwen2, described there from the
 LLaMA one (qkv with biases, o and the MLP without), is pruned, exported and run, and matches transformers."""
-
-from dataclasses import replace
 
 import pytest
 import torch
@@ -9,32 +7,20 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from esparse.cli import main
 from esparse.errors import EsparseError
-from esparse.format import families
-from esparse.format.families import LLAMA, FTLinear, family
+from esparse.format.families import QWEN2, family
 from esparse.python_api import load_decoder
+from esparse.python_api.generate import generate
 
 from helpers import make_tokenizer
 
-QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-QWEN2 = replace(
-    LLAMA, name="qwen2", hf_class="Qwen2ForCausalLM",
-    ft_linears=(FTLinear("attention.query_key_value", QKV, "attn_in", "col", "hidden", ("q", "kv", "kv"), True),
-                *LLAMA.ft_linears[1:]),
-)
 
-
-@pytest.fixture
-def qwen2_family(monkeypatch):
-    monkeypatch.setitem(families.FAMILIES, "qwen2", QWEN2)
-
-
-def _qwen2(path):
+def _qwen2(path, tie: bool = False):
     torch.manual_seed(0)
     tok = make_tokenizer()
     # + 1: loaded for a qwen2 model, the tokenizer gains Qwen2's <|endoftext|> (id 300), which must embed too
     cfg = Qwen2Config(vocab_size=len(tok) + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      rope_theta=10000.0, tie_word_embeddings=False, use_sliding_window=False,
+                      rope_theta=10000.0, tie_word_embeddings=tie, use_sliding_window=False,
                       bos_token_id=1, eos_token_id=2)
     model = Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -51,8 +37,27 @@ def test_unknown_family_is_one_clear_error():
         family("mamba")
 
 
-def test_a_described_family_prunes_exports_and_matches_transformers(qwen2_family, tmp_path, calib_file):
+def test_qwen2_is_a_registered_family():
+    assert family("qwen2") is QWEN2
+    assert QWEN2.ft_linears[0].bias and not any(s.bias for s in QWEN2.ft_linears[1:])  # q/k/v biases only
+
+
+def test_a_sliding_window_qwen2_is_refused_in_one_line(tmp_path, calib_file, capsys):
     src = _qwen2(tmp_path / "src")
+    cfg = Qwen2Config.from_pretrained(src)
+    cfg.use_sliding_window, cfg.sliding_window, cfg.max_window_layers = True, 8, 0
+    cfg.layer_types = ["sliding_attention"] * cfg.num_hidden_layers
+    cfg.save_pretrained(src)
+    capsys.readouterr()
+    assert main(["prune", str(src), "--calib", str(calib_file), "--out", str(tmp_path / "p"), "--nsamples", "2",
+                 "--seqlen", "16", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sliding" in err[0] and "Traceback" not in err[0]
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_a_described_family_prunes_exports_and_matches_transformers(tmp_path, calib_file, tie):
+    src = _qwen2(tmp_path / "src", tie)
     pruned = tmp_path / "pruned"
     assert main(["prune", str(src), "--calib", str(calib_file), "--out", str(pruned), "--nsamples", "2",
                  "--seqlen", "16", "--device", "cpu"]) == 0
@@ -66,3 +71,10 @@ def test_a_described_family_prunes_exports_and_matches_transformers(qwen2_family
         ref = hf(input_ids=ids).logits
         got = rt(ids, rt.new_cache(2, 32), 0, all_logits=True)
     assert ((got - ref).norm() / ref.norm()).item() <= 1e-3  # the bound the LLaMA/OPT runtime tests use
+    prompt = [5, 17, 42, 9]  # greedy tokens through the runtime are transformers' greedy tokens
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, len(prompt):].tolist()
+    assert generate(rt, [prompt], 12) == [want]
+    if tie:  # a tied model's lm_head is its (pruned-model) input embedding, exported as such
+        assert torch.equal(rt.output.weight, rt.tok_embeddings.weight)

@@ -1,6 +1,7 @@
 """The pruning pipeline on tiny random LLaMA (GQA) and OPT models."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -169,20 +170,47 @@ def test_method_presets():
     from esparse.converter.prune import PruneConfig
 
     es, wanda = PruneConfig.for_method("esparse"), PruneConfig.for_method("wanda", 4, 8)
-    assert es.gns == "serpentine" and es.lbs and es.metric.method == "esparse" and es.metric.alpha == 0.0
-    assert (wanda.n, wanda.m, wanda.gns, wanda.lbs, wanda.metric.method) == (4, 8, None, False, "wanda")
+    # the full-protocol defaults (docs/method.md): LBS and 64 refinement swaps on, GNS off, no entropy
+    assert es.gns is None and es.lbs and es.refine == 64 and es.metric.method == "esparse" and es.metric.alpha == 0.0
+    assert (wanda.n, wanda.m, wanda.gns, wanda.lbs, wanda.refine, wanda.metric.method) == (4, 8, None, False, 0,
+                                                                                           "wanda")
+    assert PruneConfig.for_method("wanda", refine=64).refine == 64  # offered to Wanda by flag
+    assert PruneConfig.for_method("esparse", refine=0).refine == 0
+    assert PruneConfig.for_method("sparsegpt").refine == 0 and PruneConfig.for_method("magnitude").refine == 0
     assert PruneConfig.for_method("esparse", alpha=0.25, block=32).metric.alpha == 0.25
     assert not PruneConfig.for_method("sparsegpt").shuffles
 
 
 def test_shuffles_follow_the_method_unless_given():
-    # a baseline metric without explicit shuffles runs as published; E-Sparse gets GNS + LBS
+    # a baseline metric without explicit shuffles runs as published; E-Sparse gets LBS (GNS only when asked)
     assert not PruneConfig(metric=MetricConfig("wanda")).shuffles
     assert not PruneConfig.for_method("magnitude").shuffles
     es = PruneConfig()
-    assert es.gns == "serpentine" and es.lbs
+    assert es.gns is None and es.lbs
     assert PruneConfig(metric=MetricConfig("wanda"), gns="serpentine").gns == "serpentine"
-    assert PruneConfig.for_method("esparse", lbs=False).gns == "serpentine"
+    assert PruneConfig.for_method("esparse", gns="serpentine", lbs=False).gns == "serpentine"
+
+
+def test_esparse_json_records_the_defaults_that_ran_and_time_per_layer(llama_dir, calib_file, tmp_path):
+    out = tmp_path / "default"
+    assert main(["prune", str(llama_dir), "--calib", str(calib_file), "--out", str(out), "--nsamples", "2",
+                 "--seqlen", "16", "--device", "cpu"]) == 0
+    meta = json.loads((out / "esparse.json").read_text())
+    cfg = meta["config"]
+    assert (cfg["gns"], cfg["lbs"], cfg["refine"], cfg["metric"]["alpha"]) == (None, True, 64, 0.0)
+    assert all("refined" in layer and layer["seconds"] > 0 for layer in meta["layers"])
+    again = tmp_path / "gns"
+    assert main(["prune", str(llama_dir), "--calib", str(calib_file), "--out", str(again), "--nsamples", "2",
+                 "--seqlen", "16", "--device", "cpu", "--gns", "serpentine", "--refine", "0"]) == 0
+    cfg = json.loads((again / "esparse.json").read_text())["config"]
+    assert (cfg["gns"], cfg["lbs"], cfg["refine"]) == ("serpentine", True, 0)
+
+
+def test_the_progress_bar_shows_the_time_per_layer(llama_dir, calib_file, tmp_path, capsys):
+    assert main(["prune", str(llama_dir), "--calib", str(calib_file), "--out", str(tmp_path / "p"), "--nsamples",
+                 "2", "--seqlen", "16", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"last layer \d+\.\ds", err), err[-500:]
 
 
 def test_refine_keeps_weights_and_pattern_and_reports_its_gain(llama_dir, calib_file, tmp_path):

@@ -1,4 +1,4 @@
-"""One description per decoder family (LLaMA, OPT): everything esparse knows of a family lives here.
+"""One description per decoder family (LLaMA, Qwen2, OPT): everything esparse knows of a family lives here.
 
 Pruning, export, the FT folder format, the runtime and the tools ask a ``Family`` and never branch on the
 architecture's name, so a new family (Mistral, Qwen2, ...) is one more description below. A description says:
@@ -17,9 +17,10 @@ architecture's name, so a new family (Mistral, Qwen2, ...) is one more descripti
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -217,6 +218,22 @@ def _llama_shape(config) -> dict:
             "biases": tuple(biases), "rope_scaling": check_rope_scaling(rope)}
 
 
+def _qwen2_shape(config) -> dict:
+    """Qwen2 reads as LLaMA does, except: q/k/v always carry biases (the family's FTLinear says so; Qwen2's
+    config has no attention_bias / mlp_bias to read) and a sliding-window layer, which the runtime does not
+    implement, is refused (Qwen2.5 ships with use_sliding_window false: every layer attends fully)."""
+    layer_types = list(getattr(config, "layer_types", None) or ())
+    if getattr(config, "use_sliding_window", False) and (not layer_types or "sliding_attention" in layer_types):
+        raise _refuse("use_sliding_window", True, "makes layers attend to a sliding window only, which the esparse "
+                      "runtime does not implement")
+    if "sliding_attention" in layer_types:
+        raise _refuse("layer_types", "sliding_attention", "is not implemented by the esparse runtime (only "
+                      "full_attention)")
+    plain = copy.copy(config)
+    plain.attention_bias, plain.mlp_bias = False, False  # the qkv biases are fixed by the family, not the config
+    return _llama_shape(plain)
+
+
 def _opt_shape(config) -> dict:
     _common_shape(config)
     if config.word_embed_proj_dim != config.hidden_size or not config.do_layer_norm_before:
@@ -258,6 +275,14 @@ LLAMA = Family(
     hf_shape=_llama_shape, rms_norm=True, rotary=True, gated_mlp=True, default_act="silu",
 )
 
+# Qwen2 (Qwen2.5, Qwen2.5-Coder): LLaMA's layout with biases on q, k and v (fused into the FT qkv bias);
+# o_proj and the MLP have none. Tied embeddings (the small models) are handled as for LLaMA: the exporter
+# writes the input embedding as lm_head.
+QWEN2 = replace(
+    LLAMA, name="qwen2", hf_class="Qwen2ForCausalLM", hf_shape=_qwen2_shape,
+    ft_linears=(replace(LLAMA.ft_linears[0], bias=True), *LLAMA.ft_linears[1:]),
+)
+
 OPT = Family(
     name="opt", hf_class="OPTForCausalLM", decoder_path="model.decoder",
     groups=(Group("attn_in", _QKV), Group("attn_out", ("self_attn.out_proj",), per_head=True),
@@ -284,7 +309,7 @@ OPT = Family(
     hf_shape=_opt_shape, rms_norm=False, rotary=False, gated_mlp=False, default_act="relu", position_offset=2,
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, OPT)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, QWEN2, OPT)}
 
 
 def family(name: str) -> Family:
