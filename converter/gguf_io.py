@@ -6,13 +6,13 @@ the header, in one line, before transformers reads a tensor.
 
 Traps handled (see docs/real_assets.md of the team): a GGUF-loaded model refuses ``save_pretrained``, so
 we rebuild a fresh model from its config and load the state dict; ``GgufConfig(dequantize=True)`` keeps
-packed GGUF linears out; ``rope_theta`` is written at the top of config.json for transformers 4.x readers.
+packed GGUF linears out; converter/model_io.convert_gguf writes ``rope_theta`` at the top of config.json for
+transformers 4.x readers.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import re
 from pathlib import Path
@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from esparse.errors import EsparseError
-
-from .fsutil import atomic_output_dir, check_free_space, check_output_dir, check_output_location
+from esparse.format.families import family
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +166,8 @@ def load_gguf_model(path: Path, dtype: torch.dtype = torch.float16) -> nn.Module
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     config.use_cache = False
-    from .model_io import check_variant
-
-    check_variant(config)  # what transformers read from the header (rope scaling, ...) is what the runtime runs
+    # what transformers read from the header (rope scaling, ...) is what the runtime runs
+    family(config.model_type).hf_shape(config)
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {k: v.float() for k, v in loaded.state_dict().items()}
     missing, unexpected = fresh.load_state_dict(state, strict=False)
@@ -179,25 +177,3 @@ def load_gguf_model(path: Path, dtype: torch.dtype = torch.float16) -> nn.Module
     if config.tie_word_embeddings:
         fresh.tie_weights()
     return fresh.to(dtype).eval()
-
-
-def convert_gguf(path: Path, out: Path, overwrite: bool = False) -> Path:
-    """``esparse convert-gguf``: write a fp16 HF folder (safetensors, tokenizer, config with rope_theta)."""
-    from .model_io import load_tokenizer
-
-    check_output_location(Path(out), [Path(path)])
-    check_output_dir(Path(out), overwrite)
-    model = load_gguf_model(Path(path), torch.float16)
-    tok = load_tokenizer(Path(path))
-    check_free_space(Path(out), 2 * sum(p.numel() for p in model.parameters()))
-    with atomic_output_dir(Path(out), overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        cfg_path = tmp / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")
-        if theta is not None:
-            cfg["rope_theta"] = theta
-        cfg_path.write_text(json.dumps(cfg, indent=2))
-    log.info("wrote %s", out)
-    return Path(out)

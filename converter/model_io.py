@@ -20,6 +20,8 @@ from esparse.errors import EsparseError
 from esparse.format.families import FAMILIES, family
 from esparse.format.tokenizer import check_tokenizer_fits, copy_tokenizer_files, load_folder_tokenizer
 
+from .fsutil import atomic_output_dir, check_free_space, check_output_dir, check_output_location
+
 log = logging.getLogger(__name__)
 
 # unexpected keys that carry nothing the config does not (old checkpoints saved rotary buffers)
@@ -201,3 +203,25 @@ def save_hf_folder(model: nn.Module, tokenizer_src: Path | None, out: Path, toke
         tokenizer.save_pretrained(out)
     elif tokenizer_src is not None and Path(tokenizer_src).is_dir():
         copy_tokenizer_files(Path(tokenizer_src), out)
+
+
+def convert_gguf(path: Path, out: Path, overwrite: bool = False) -> Path:
+    """``esparse convert-gguf``: write a fp16 HF folder (safetensors, tokenizer, config with rope_theta)."""
+    from .gguf_io import load_gguf_model
+
+    check_output_location(Path(out), [Path(path)])
+    check_output_dir(Path(out), overwrite)
+    model = load_gguf_model(Path(path), torch.float16)
+    tok = load_tokenizer(Path(path))
+    check_free_space(Path(out), 2 * sum(p.numel() for p in model.parameters()))
+    with atomic_output_dir(Path(out), overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")
+        if theta is not None:
+            cfg["rope_theta"] = theta
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+    log.info("wrote %s", out)
+    return Path(out)

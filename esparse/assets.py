@@ -149,7 +149,7 @@ def real_assets(cache: str | Path | None = None) -> RealAssets:
 
 def smollm2_hf_dir(cache: str | Path | None = None) -> Path:
     """SmolLM2-135M-Instruct as a fp16 HF folder (the Q4_1 GGUF dequantized once, then cached)."""
-    from esparse.converter.gguf_io import convert_gguf
+    from esparse.converter.model_io import convert_gguf
 
     assets = real_assets(cache)
     out = cache_dir(cache) / "smollm2-135m-hf"
@@ -188,7 +188,7 @@ def qwen_gguf(cache: str | Path | None = None) -> Path:
 
 def qwen_hf_dir(cache: str | Path | None = None) -> Path:
     """Qwen2.5-Coder-0.5B-Instruct as a fp16 HF folder (the Q4_K_M GGUF dequantized once, then cached)."""
-    from esparse.converter.gguf_io import convert_gguf
+    from esparse.converter.model_io import convert_gguf
 
     gguf = qwen_gguf(cache)
     out = cache_dir(cache) / "qwen2.5-coder-0.5b-hf"

@@ -193,7 +193,7 @@ def _add_convert_gguf(sub) -> None:
 
 
 def cmd_convert_gguf(args) -> None:
-    from esparse.converter.gguf_io import convert_gguf
+    from esparse.converter.model_io import convert_gguf
 
     convert_gguf(args.gguf, args.out, args.overwrite)
     print(f"wrote {args.out}")
