@@ -76,7 +76,7 @@ def check_llama_gguf(path: Path, arch: str = "llama") -> None:
     in the file and they agree: the blocks present are exactly 0..block_count-1, every tensor has the shape the
     hyperparameters give, and the tokenizer's ids fit the embedding. Checked against the file itself (not against
     a model transformers has already filled with random values, and with no fallback defaults), from its header
-    only."""
+    only. Long because it is a list of checks, each with its own message."""
     reader = _reader(path)
     missing = [f"{arch}.{k}" for k in LLAMA_HPARAMS if f"{arch}.{k}" not in reader.fields]
     if missing:

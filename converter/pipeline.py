@@ -110,7 +110,8 @@ def prune_checkpoint(
     overwrite: bool = False,
 ) -> PruneResult:
     """Load, calibrate, prune and write ``out`` atomically. Returns the per-layer report. ``calib_path`` may be
-    None only for a method that needs no calibration (magnitude without refinement)."""
+    None only for a method that needs no calibration (magnitude without refinement). One function: every check
+    that must run before the hours of pruning (inputs, output place, memory) is in the order it runs."""
     if calib_path is None and cfg.needs_calibration:
         # (--refine is named only where it is what needs the text: magnitude, whose score reads none)
         flags = f"--method {cfg.metric.method}" + (f" --refine {cfg.refine}" if cfg.refine and not

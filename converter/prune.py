@@ -228,7 +228,10 @@ def prune_model(
     model: nn.Module, calib: torch.Tensor | None, cfg: PruneConfig, device: str | torch.device = "cpu"
 ) -> PruneResult:
     """Prune every decoder linear of ``model`` in place to cfg.n:cfg.m. ``calib`` is [n, seqlen] token ids,
-    or None when the method needs no calibration (``cfg.needs_calibration``: magnitude without refinement)."""
+    or None when the method needs no calibration (``cfg.needs_calibration``: magnitude without refinement).
+
+    The whole stage on one screen, as Wanda's prune.py has it: per layer, statistics -> (SparseGPT) -> scores ->
+    shuffle -> mask (+ refinement) -> the layer's outputs for the next; each step is a call into its module."""
     device = torch.device(device)
     heads = head_shape(model.config)
     groups = groups_of(model)

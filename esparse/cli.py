@@ -35,6 +35,7 @@ log = logging.getLogger("esparse")
 
 
 def _add_prune(sub) -> None:
+    """The prune command's arguments (a flat list of declarations: long because the command has many)."""
     p = sub.add_parser("prune", help="one-shot N:M pruning of a HF LLaMA/OPT folder or a LLaMA .gguf",
                        formatter_class=at.DefaultsFormatter)
     p.add_argument("model", type=Path, help="HF model folder (LlamaForCausalLM / OPTForCausalLM) or .gguf file")
@@ -218,6 +219,7 @@ def cmd_export(args) -> None:
 
 
 def _add_generate_bench(sub) -> None:
+    """The generate and bench commands' arguments (declarations only)."""
     g = sub.add_parser("generate", help="generate text from an exported folder (esparse export)")
     g.add_argument("model", type=Path, help="folder written by esparse export")
     g.add_argument("--prompt", type=at.prompt, action="append", required=True, help="prompt text (repeat for a batch)")

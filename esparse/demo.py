@@ -49,6 +49,7 @@ def show_generation(backend: str, prompt: str, continuation: str) -> str:
 
 
 def run_demo(args) -> None:
+    """The demo is a script a newcomer reads top to bottom: fetch, prune, compare, export, generate."""
     from esparse.assets import cache_dir, real_assets, smollm2_hf_dir
     from esparse.converter.ft_export import export_folder
     from esparse.converter.model_io import load_model, load_tokenizer
