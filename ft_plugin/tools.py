@@ -14,6 +14,7 @@ def tune_folder(model: Path, m: str, dtype_name: str) -> list[str]:
 
     from esparse.devices import DTYPES
     from esparse.errors import EsparseError
+    from esparse.format.ft_format import layer_prefix
     from esparse.format.ft_loader import FTFolder
 
     if not torch.cuda.is_available():
@@ -39,7 +40,7 @@ def tune_folder(model: Path, m: str, dtype_name: str) -> list[str]:
         shapes.setdefault(tuple(d.shape), d)
     fam = src.cfg.family
     if fam.gated_mlp:  # the runtime fuses gate and up into one GEMM
-        gate, up = (f"model.layers.0.{f.stem}.weight" for f in fam.ft_linears if f.group == "mlp_in")
+        gate, up = (f"{layer_prefix(0)}{f.stem}.weight" for f in fam.ft_linears if f.group == "mlp_in")
         fused = torch.cat([layer0[gate], layer0[up]])
         shapes.setdefault(tuple(fused.shape), fused)
     lines = []

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from esparse.errors import EsparseError
-from esparse.format.ft_format import FTConfig, linear_specs, param_counts, runtime_names
+from esparse.format.ft_format import FTConfig, layer_prefix, linear_specs, param_counts, runtime_names
 from esparse.format.ft_loader import FTFolder, LayerWeights
 from esparse.format.nm_pack import PackedNM
 from esparse.limits import check_fits
@@ -62,7 +62,7 @@ def block_state(cfg: FTConfig, lw: LayerWeights, device: torch.device, dtype: to
         state[f"{mod}.weight"] = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
         if specs[0].bias:
             state[f"{mod}.bias"] = torch.cat([_on(lw.biases[s.bias_name], device, dtype) for s in specs], 0)
-    prefix = f"model.layers.{lw.index}."
+    prefix = layer_prefix(lw.index)
     for group, norm in NORM_OF_GROUP.items():
         stem = prefix + fam.group_norm[group]
         perm = lw.perms.get(group)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from esparse.devices import dtype_name
-from esparse.format.ft_format import linear_specs, replicated_specs
+from esparse.format.ft_format import LAYERS, layer_prefix, linear_specs, replicated_specs
 from esparse.format.ft_loader import LayerWeights
 from esparse.format.shapes import shape_config
 
@@ -31,7 +31,7 @@ class RandomWeights:
     def model_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for j, (name, (shp, _)) in enumerate(replicated_specs(self.cfg).items()):
-            if name.startswith("model.layers."):
+            if name.startswith(LAYERS):
                 continue
             g = torch.Generator(device=self.device).manual_seed(self.seed + j)
             t = torch.randn(shp, device=self.device, dtype=self.dtype, generator=g) * 0.02
@@ -41,7 +41,7 @@ class RandomWeights:
     def layer(self, i: int) -> LayerWeights:
         cfg, lw = self.cfg, LayerWeights(i)
         for name, (shp, _) in replicated_specs(cfg).items():
-            if name.startswith(f"model.layers.{i}."):
+            if name.startswith(layer_prefix(i)):
                 lw.tensors[name] = torch.ones(shp, device=self.device, dtype=self.dtype)
         for j, s in enumerate(linear_specs(cfg, i)):
             lw.linears[s.name] = random_24(s.n, s.k, self.device, self.dtype, self.seed + 1000 * i + j)

@@ -116,9 +116,16 @@ class LinearSpec:
 
 
 def linear_specs(cfg: FTConfig, layer: int) -> list[LinearSpec]:
-    p = f"model.layers.{layer}."
+    p = layer_prefix(layer)
     return [LinearSpec(f"{p}{f.stem}.weight", cfg.size(f.k), tuple(cfg.size(x) for x in f.segments), f.parallel,
                        f.group, f.hf, f.bias or f.group in cfg.biases) for f in cfg.family.ft_linears]
+
+
+LAYERS = "model.layers."  # every per-layer FT name starts with LAYERS + "<i>."
+
+
+def layer_prefix(i: int) -> str:
+    return f"{LAYERS}{i}."
 
 
 LM_HEAD = "model.lm_head.weight"  # the output projection (every family; HF's lm_head, or the tied embedding)
@@ -136,7 +143,7 @@ def replicated_specs(cfg: FTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     out = {name: (shape(dims), hf) for name, (dims, hf, _) in fam.ft_tensors.items()}
     for i in range(cfg.n_layers):
         for ft, hf in fam.ft_layer_tensors.items():
-            out[f"model.layers.{i}.{ft}"] = ((cfg.hidden,), f"{fam.decoder_path}.layers.{i}.{hf}")
+            out[layer_prefix(i) + ft] = ((cfg.hidden,), f"{fam.decoder_path}.layers.{i}.{hf}")
         for spec in linear_specs(cfg, i):  # row-parallel biases are added once after the reduction: stored whole
             if spec.bias and spec.parallel == "row":
                 out[spec.bias_name] = ((spec.n,), f"{fam.decoder_path}.layers.{i}.{spec.hf[0]}.bias")
@@ -147,7 +154,7 @@ def replicated_specs(cfg: FTConfig) -> dict[str, tuple[tuple[int, ...], str]]:
 def perm_names(cfg: FTConfig, layer: int) -> dict[str, str]:
     """group -> the perm file stem, named after the tensor its permutation applies to (the norm that writes
     the group's input, or the row-parallel linear that reads it)."""
-    fam, p = cfg.family, f"model.layers.{layer}."
+    fam, p = cfg.family, layer_prefix(layer)
     return {"attn_in": p + fam.group_norm["attn_in"] + ".perm",
             "attn_out": p + fam.ft_linear("attn_out", "row").stem + ".perm",
             "mlp_in": p + fam.group_norm["mlp_in"] + ".perm",

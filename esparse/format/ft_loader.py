@@ -18,12 +18,14 @@ from esparse.errors import EsparseError
 
 from .ft_format import (
     CHECKSUMS_FILE,
+    LAYERS,
     RANK_DIR_GLOB,
     FTConfig,
     LinearSpec,
     bias_file,
     expected_files,
     group_width,
+    layer_prefix,
     linear_files,
     linear_specs,
     perm_names,
@@ -144,12 +146,12 @@ class FTFolder:
     def model_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors outside the decoder layers (embeddings, final norm, lm_head), by FT name."""
         return {name: self._file(tensor_file(name), self.cfg.torch_dtype, shape)
-                for name, (shape, _) in replicated_specs(self.cfg).items() if not name.startswith("model.layers.")}
+                for name, (shape, _) in replicated_specs(self.cfg).items() if not name.startswith(LAYERS)}
 
     def layer(self, i: int) -> LayerWeights:
         cfg, dt, nm = self.cfg, self.cfg.torch_dtype, self.cfg.nm
         out = LayerWeights(i)
-        prefix = f"model.layers.{i}."
+        prefix = layer_prefix(i)
         for name, (shape, _) in replicated_specs(cfg).items():
             if name.startswith(prefix):
                 out.tensors[name] = self._file(tensor_file(name), dt, shape)

@@ -27,6 +27,7 @@ from esparse.errors import EsparseError
 
 from .ft_format import (
     CHECKSUMS_FILE,
+    LAYERS,
     LM_HEAD,
     FTConfig,
     LinearSpec,
@@ -34,6 +35,7 @@ from .ft_format import (
     check_tp,
     expected_files,
     group_width,
+    layer_prefix,
     linear_files,
     linear_specs,
     perm_names,
@@ -133,7 +135,7 @@ class FTShard:
         """Embeddings and the final norm whole; of lm_head this rank's block of rows (:func:`head_rows`)."""
         cfg, dt = self.full_cfg, self.full_cfg.torch_dtype
         out = {name: self._read(tensor_file(name), dt, shape) for name, (shape, _) in replicated_specs(cfg).items()
-               if not name.startswith("model.layers.") and name != LM_HEAD}
+               if not name.startswith(LAYERS) and name != LM_HEAD}
         lo, hi, per = head_rows(cfg.vocab, self.tp, self.rank)
         head = torch.zeros(per, cfg.hidden, dtype=dt)
         if hi > lo:
@@ -144,7 +146,7 @@ class FTShard:
     def layer(self, i: int) -> LayerWeights:
         cfg, dt, r = self.full_cfg, self.full_cfg.torch_dtype, self.rank
         out = LayerWeights(i)
-        prefix = f"model.layers.{i}."
+        prefix = layer_prefix(i)
         for name, (shape, _) in replicated_specs(cfg).items():
             if name.startswith(prefix):
                 out.tensors[name] = self._read(tensor_file(name), dt, shape)
