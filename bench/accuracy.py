@@ -136,7 +136,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=None)
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--seeds", default=None, help="calibration seeds, comma list (default 0,1,2; --quick: 0)")
-    ap.add_argument("--out", type=Path, default=Path("results/accuracy"))
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: where the committed results of this protocol live (results/accuracy_full, "
+                         "accuracy_quick, accuracy_qwen)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs (variant, seed) already in --out's accuracy.json (same protocol) and measure "
                          "only the missing ones")
@@ -177,6 +179,9 @@ def main() -> None:
         "rows": "mean over seeds; spread = max - min (dense and magnitude: one run, no calibration)",
         "command": "python bench/accuracy.py " + " ".join(sys.argv[1:]),
     }
+    if args.out is None:
+        args.out = Path("results") / ("accuracy_quick" if args.quick else "accuracy_qwen" if args.model != "smollm2"
+                                      else "accuracy_full")
     args.out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     done: dict[str, list[dict]] = {}  # --resume: the runs (seeds) a stopped run of the same protocol measured
