@@ -147,15 +147,19 @@ def real_assets(cache: str | Path | None = None) -> RealAssets:
     return target
 
 
-def smollm2_hf_dir(cache: str | Path | None = None) -> Path:
-    """SmolLM2-135M-Instruct as a fp16 HF folder (the Q4_1 GGUF dequantized once, then cached)."""
+def _hf_dir(gguf: Path, cache: str | Path | None, name: str) -> Path:
+    """A GGUF of the cache as a fp16 HF folder ``name`` in the cache (dequantized once, then reused)."""
     from esparse.converter.model_io import convert_gguf
 
-    assets = real_assets(cache)
-    out = cache_dir(cache) / "smollm2-135m-hf"
+    out = cache_dir(cache) / name
     if not (out / "model.safetensors").is_file():
-        convert_gguf(assets.gguf, out, overwrite=True)
+        convert_gguf(gguf, out, overwrite=True)
     return out
+
+
+def smollm2_hf_dir(cache: str | Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a fp16 HF folder (the Q4_1 GGUF dequantized once, then cached)."""
+    return _hf_dir(real_assets(cache).gguf, cache, "smollm2-135m-hf")
 
 
 def qwen_gguf(cache: str | Path | None = None) -> Path:
@@ -188,10 +192,4 @@ def qwen_gguf(cache: str | Path | None = None) -> Path:
 
 def qwen_hf_dir(cache: str | Path | None = None) -> Path:
     """Qwen2.5-Coder-0.5B-Instruct as a fp16 HF folder (the Q4_K_M GGUF dequantized once, then cached)."""
-    from esparse.converter.model_io import convert_gguf
-
-    gguf = qwen_gguf(cache)
-    out = cache_dir(cache) / "qwen2.5-coder-0.5b-hf"
-    if not (out / "model.safetensors").is_file():
-        convert_gguf(gguf, out, overwrite=True)
-    return out
+    return _hf_dir(qwen_gguf(cache), cache, "qwen2.5-coder-0.5b-hf")

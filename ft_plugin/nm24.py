@@ -21,8 +21,6 @@ capture them; every check happens once, when the weight is packed (:func:`pack_f
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from esparse.errors import EsparseError
@@ -216,7 +214,6 @@ def _ops():
     return _OPS
 
 
-@functools.cache
 def _register():
     """Register the ops once (torch.library.triton_op: traced by torch.compile, captured by CUDA graphs)."""
     from torch.library import triton_op, wrap_triton

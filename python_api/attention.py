@@ -12,7 +12,6 @@ Cache layout: [batch, slots, kv_heads, head_dim] per layer, so that one token's 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -127,7 +126,6 @@ def _ops():
     return _OPS
 
 
-@functools.cache
 def _register():
     from torch.library import triton_op, wrap_triton
 

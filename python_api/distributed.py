@@ -62,7 +62,6 @@ from .model import KVCache, Transformer
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-DEFAULT_TIMEOUT_S = TP_TIMEOUT_S
 
 
 class ReportedByRank0(SystemExit):
@@ -166,7 +165,7 @@ def _device_of_rank(kind: str, rank: int) -> torch.device:
     return torch.device("cuda", local)
 
 
-def start(tp: int | None, device: str | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> TPSession | None:
+def start(tp: int | None, device: str | None, timeout_s: float = TP_TIMEOUT_S) -> TPSession | None:
     """Join the ranks torchrun started (its RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): NCCL on
     cuda:<LOCAL_RANK>, gloo on the CPU, ``timeout_s`` for joining and for every collective. None when the
     process was not started as one of several ranks (``--tp N`` then merges the shards on one device)."""
@@ -219,7 +218,7 @@ def end_rank_process(code: int) -> None:
 
 
 @contextlib.contextmanager
-def session(tp: int | None, device: str | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[TPSession | None]:
+def session(tp: int | None, device: str | None, timeout_s: float = TP_TIMEOUT_S) -> Iterator[TPSession | None]:
     """:func:`start`, and the process group left at the end (cleanly only when the body succeeded)."""
     s = start(tp, device, timeout_s)
     if s is None:
